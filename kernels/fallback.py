@@ -1,0 +1,43 @@
+"""Pure-PyTorch versions of the ops in kernels/: the reference the Triton kernels are tested against,
+and the path used on CPU."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Meta's rounding: normalise in float32, cast back to x's dtype, then scale by the weight.
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return normed.type_as(x) * weight
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Causal grouped-query attention of new queries over a KV cache.
+
+    q: (bs, seqlen, n_heads, head_dim), the queries at positions start_pos .. start_pos + seqlen - 1.
+    k, v: (bs, start_pos + seqlen, n_kv_heads, head_dim), every key and value up to the last query.
+    Query head h reads KV head h // (n_heads // n_kv_heads). Returns (bs, seqlen, n_heads, head_dim).
+    """
+    bs, seqlen, n_heads, head_dim = q.shape
+    kv_len, n_kv_heads = k.shape[1], k.shape[2]
+    group = n_heads // n_kv_heads
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bs, n_kv_heads, kv_len, head_dim)
+    if seqlen > 1 and start_pos == 0:
+        # A prompt from scratch: PyTorch's fused attention, which never builds the full score matrix.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
+    # The query heads that share a KV head become rows of one matrix, so K and V are read, never copied.
+    q = q.view(bs, seqlen, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(bs, n_kv_heads, group * seqlen, head_dim)  # row r is query position r % seqlen
+    scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (bs, n_kv, group*seqlen, kv_len)
+    if seqlen > 1:
+        q_pos = torch.arange(start_pos, start_pos + seqlen, device=q.device).repeat(group)
+        visible = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
+        scores = scores.masked_fill(~visible, float("-inf"))
+    probs = F.softmax(scores.float(), dim=-1).type_as(q)
+    out = torch.matmul(probs, v)  # (bs, n_kv_heads, group * seqlen, head_dim)
+    out = out.view(bs, n_kv_heads, group, seqlen, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(bs, seqlen, n_heads, head_dim)
