@@ -80,9 +80,7 @@ def apply_scaling(freqs: torch.Tensor, scale_factor: float) -> torch.Tensor:
     return torch.where(wavelen < old_context_len / high_freq_factor, freqs, scaled)
 
 
-def precompute_freqs_cis(
-    head_dim: int, end: int, theta: float, scale_factor: Optional[float] = None
-) -> torch.Tensor:
+def precompute_freqs_cis(head_dim: int, end: int, theta: float, scale_factor: Optional[float] = None) -> torch.Tensor:
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
     if scale_factor is not None:
         freqs = apply_scaling(freqs, scale_factor)
@@ -111,10 +109,18 @@ class Attention(nn.Module):
         self.n_local_kv_heads = args.n_kv_heads // model_parallel_size
         self.head_dim = args.dim // args.n_heads
 
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
-        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.wq = ColumnParallelLinear(
+            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep
+        )
+        self.wk = ColumnParallelLinear(
+            args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep
+        )
+        self.wv = ColumnParallelLinear(
+            args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep
+        )
+        self.wo = RowParallelLinear(
+            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
+        )
 
         # The KV cache: keys and values of every position so far, written in place, never reallocated.
         cache_shape = (args.max_batch_size, args.max_seq_len, self.n_local_kv_heads, self.head_dim)
@@ -136,16 +142,19 @@ class Attention(nn.Module):
         return self.wo(output.reshape(bsz, seqlen, -1))  # (bs, seqlen, n_local_heads, head_dim) -> (bs, seqlen, dim)
 
 
+def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
+    # Meta's rule: two thirds of 4 * dim (SwiGLU has three matrices, not two), times the optional
+    # multiplier, rounded up to a multiple of multiple_of.
+    hidden_dim = int(2 * hidden_dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
+    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
         super().__init__()
-        # Meta's rule: two thirds of 4 * dim (SwiGLU has three matrices, not two), times the optional
-        # multiplier, rounded up to a multiple of multiple_of.
-        hidden_dim = int(2 * hidden_dim / 3)
-        if ffn_dim_multiplier is not None:
-            hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-        hidden_dim = multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
-
+        hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
         self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
         self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
         self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)

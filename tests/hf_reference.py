@@ -1,0 +1,61 @@
+"""Hugging Face transformers' LlamaForCausalLM holding the same weights as a Meta-layout state dict: the
+independent implementation the model is checked against."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from llama.model import ModelArgs
+
+
+def permute_for_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # Meta rotates interleaved pairs (2i, 2i+1); HF rotates halves (i, i + head_dim/2). Reorder each head's rows.
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], rope_factor: float | None = None) -> LlamaForCausalLM:
+    """rope_factor: the llama3 rope_scaling factor for a use_scaled_rope model (HF's configs say 8 or 32)."""
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": args.rope_theta,
+            "factor": rope_factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    tied = "output.weight" not in state
+    config = LlamaConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=state["layers.0.feed_forward.w1.weight"].shape[0],
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        max_position_embeddings=max(args.max_seq_len, 8193),
+        rms_norm_eps=args.norm_eps,
+        rope_parameters=rope,
+        tie_word_embeddings=tied,
+        attn_implementation="eager",
+    )
+    hf = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"]}
+    if not tied:
+        hf["lm_head.weight"] = state["output.weight"]
+    for i in range(args.n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        hf[h + "self_attn.q_proj.weight"] = permute_for_hf(state[m + "attention.wq.weight"], args.n_heads)
+        hf[h + "self_attn.k_proj.weight"] = permute_for_hf(state[m + "attention.wk.weight"], args.n_kv_heads)
+        hf[h + "self_attn.v_proj.weight"] = state[m + "attention.wv.weight"]
+        hf[h + "self_attn.o_proj.weight"] = state[m + "attention.wo.weight"]
+        hf[h + "mlp.gate_proj.weight"] = state[m + "feed_forward.w1.weight"]
+        hf[h + "mlp.up_proj.weight"] = state[m + "feed_forward.w3.weight"]
+        hf[h + "mlp.down_proj.weight"] = state[m + "feed_forward.w2.weight"]
+        hf[h + "input_layernorm.weight"] = state[m + "attention_norm.weight"]
+        hf[h + "post_attention_layernorm.weight"] = state[m + "ffn_norm.weight"]
+    model = LlamaForCausalLM(config).float().eval()
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in hf.items()}, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if tied:
+        model.tie_weights()
+    return model
