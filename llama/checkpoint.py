@@ -86,6 +86,19 @@ def shard_paths(ckpt_dir: PathLike) -> list[Path]:
     return paths
 
 
+def find_tokenizer(ckpt_dir: PathLike) -> Path:
+    """The tokenizer.model that came with a checkpoint: in its folder, under original/, or beside it (Llama 2)."""
+    ckpt_dir = Path(ckpt_dir)
+    for candidate in (
+        ckpt_dir / "tokenizer.model",
+        ckpt_dir / "original" / "tokenizer.model",
+        ckpt_dir.parent / "tokenizer.model",
+    ):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer.model in or beside {ckpt_dir}: pass tokenizer_path")
+
+
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
     """A state dict mapped from disk: tensors only (nothing else is unpickled) and no copy in memory."""
     try:

@@ -8,7 +8,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
-from llama.checkpoint import build_transformer, model_args, read_params, shard_paths
+from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, shard_paths
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 
@@ -65,17 +65,6 @@ def init_distributed(model_parallel_size: Optional[int], device: torch.device) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
-
-
-def find_tokenizer(ckpt_dir: Path) -> Path:
-    for candidate in (
-        ckpt_dir / "tokenizer.model",
-        ckpt_dir / "original" / "tokenizer.model",
-        ckpt_dir.parent / "tokenizer.model",
-    ):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"no tokenizer.model in or beside {ckpt_dir}: pass tokenizer_path")
 
 
 class Llama:
