@@ -211,8 +211,9 @@ def build_transformer(
         )
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
+            files = ", ".join(str(p) for p in shard_paths(ckpt_dir))
             raise ValueError(
-                f"{ckpt_dir}: '{key}' has shape {tuple(tensor.shape)} but params.json implies {tuple(expected[key].shape)} "
+                f"{files}: '{key}' has shape {tuple(tensor.shape)} but params.json implies {tuple(expected[key].shape)} "
                 f"on {world} model-parallel rank(s); is params.json from the same model as the shards?"
             )
         if not tensor.is_floating_point():
