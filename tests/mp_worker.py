@@ -2,6 +2,7 @@
 save rank 0's logits for the given tokens.
 
     torchrun --standalone --nproc_per_node N tests/mp_worker.py CKPT_DIR TOKENS.pt OUT.pt
+    torchrun --standalone --nproc_per_node N tests/mp_worker.py --many TOKENS.pt OUT_DIR CKPT_DIR...  # OUT_DIR/I.pt
 """
 
 import sys
@@ -21,5 +22,14 @@ def main(ckpt_dir: str, tokens_path: str, out_path: str) -> None:
         torch.save(logits, out_path)
 
 
+def main_many(tokens_path: str, out_dir: str, *ckpt_dirs: str) -> None:
+    # One process group, several models built one after another: saves a torchrun start per checkpoint.
+    for i, ckpt_dir in enumerate(ckpt_dirs):
+        main(ckpt_dir, tokens_path, f"{out_dir}/{i}.pt")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1] == "--many":
+        main_many(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])
