@@ -1,0 +1,66 @@
+"""Chat with an instruction-tuned Llama model; each answer is printed as it is generated.
+
+    torchrun --nproc_per_node 1 example_chat_completion.py --ckpt_dir Meta-Llama-3-8B-Instruct/ --tokenizer_path Meta-Llama-3-8B-Instruct/tokenizer.model
+    python example_chat_completion.py --ckpt_dir tiny-llama    # after `python -m llama.tiny`: random text
+
+--nproc_per_node is the model's number of shards (consolidated.NN.pth files); plain `python` runs one.
+"""
+
+import sys
+from typing import Optional
+
+import fire
+import torch.distributed as dist
+
+from llama import Dialog, Llama
+
+
+def main(
+    ckpt_dir: str,
+    tokenizer_path: Optional[str] = None,  # None: the tokenizer.model in or beside ckpt_dir
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_seq_len: int = 512,
+    max_batch_size: int = 4,
+    max_gen_len: Optional[int] = None,  # None: up to the end of the context
+):
+    generator = Llama.build(
+        ckpt_dir=ckpt_dir,
+        tokenizer_path=tokenizer_path,
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+    )
+
+    dialogs: list[Dialog] = [
+        [{"role": "user", "content": "What is a good recipe for a quick vegetable soup?"}],
+        [
+            {"role": "user", "content": "I am visiting Lisbon for two days."},
+            {"role": "assistant", "content": "Lovely! Would you like ideas for sights, food, or both?"},
+            {"role": "user", "content": "Mostly food. What should I try?"},
+        ],
+        [
+            {"role": "system", "content": "Answer in exactly one sentence."},
+            {"role": "user", "content": "Why is the sky blue?"},
+        ],
+        [
+            {"role": "system", "content": "You are a patient tutor who explains with small examples."},
+            {"role": "user", "content": "What does a Python list comprehension do?"},
+        ],
+    ]
+    main_rank = dist.get_rank() == 0  # every rank takes part in generating; one prints
+    for dialog in dialogs:
+        if main_rank:
+            for msg in dialog:
+                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+            print("> Assistant: ", end="", flush=True)
+        pieces = generator.chat_completion_stream(dialog, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
+        for piece in pieces:
+            if main_rank:
+                print(piece, end="", flush=True)
+        if main_rank:
+            print("\n\n==================================\n")
+
+
+if __name__ == "__main__":
+    sys.stdout.reconfigure(errors="replace")  # a random-weight model writes any character at all
+    fire.Fire(main)
