@@ -409,7 +409,7 @@ get() {
             say "Checking $dest"
             got=$(md5_of "$dest")
             if [ "$got" != "$want" ]; then
-                BAD+=("$dest does not match $checklist (md5 $got, expected $want): it is damaged or from another release; delete it (rm '$dest') and re-run this script.")
+                BAD+=("$dest does not match $checklist (md5 $got, expected $want): it is damaged, or unfinished by another script. Delete it (rm '$dest') and re-run this script; to resume an unfinished one instead, rename it to '$dest.part' and re-run.")
             fi
         else
             say "Already have $dest"

@@ -340,6 +340,23 @@ def test_second_run_fetches_nothing_and_rechecks(tmp_path, tool, llama2):
     assert "llama-2-7b/params.json" in r.stderr and "rm " in r.stderr
 
 
+def test_unfinished_file_from_metas_script_can_be_resumed_as_the_error_says(tmp_path, tool, llama2):
+    # Meta's script writes straight to the final name, so an interrupted run leaves a short file there.
+    target = tmp_path / "weights"
+    name = "llama-2-7b/consolidated.00.pth"
+    (target / "llama-2-7b").mkdir(parents=True)
+    (target / name).write_bytes(llama2.tree[name][:30_000])
+    args = ["--url", llama2.url(), "--models", "7B", "--target-dir", str(target)]
+    r = run(tmp_path, tool, args)
+    assert r.returncode != 0
+    assert f"{name} does not match" in r.stderr and f"rename it to '{target / name}.part'" in r.stderr
+    (target / name).rename(target / (name + ".part"))
+    r = run(tmp_path, tool, args)
+    assert r.returncode == 0, r.stderr
+    assert llama2.ranges[name] == ["bytes=30000-"]
+    assert (target / name).read_bytes() == llama2.tree[name]
+
+
 def test_checksum_mismatch_names_the_file_and_never_keeps_it_under_its_name(tmp_path, tool, llama2):
     target = tmp_path / "weights"
     bad = "llama-2-13b/consolidated.01.pth"
