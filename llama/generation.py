@@ -254,7 +254,7 @@ class Llama:
     ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as they are generated; joined they equal
         text_completion's generation. A piece never ends inside a multi-byte character."""
-        prompt_tokens = self._encode_prompts([prompt])
+        prompt_tokens = [self._encode_prompt(prompt, "prompt")]
         max_gen_len = self._default_gen_len(max_gen_len)
         _check_sampling(temperature, top_p)
         batch, steps = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, echo=False)
@@ -373,9 +373,11 @@ class Llama:
         # Only log-probabilities need every position's logits; sampling needs the last one.
         logits = self.model(b.tokens[:, prev_pos:cur_pos], prev_pos, last_only=b.logprobs is None)
         if temperature > 0:
-            # Subtract the maximum before dividing: a tiny temperature then gives -inf (probability 0), not inf - inf.
+            # Subtract the maximum before dividing, and divide by no less than float32's smallest normal
+            # number: a tiny temperature then gives the other tokens -inf (probability 0), never 0 / 0.
             last = logits[:, -1]
-            probs = torch.softmax((last - last.max(dim=-1, keepdim=True).values) / temperature, dim=-1)
+            scaled = (last - last.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(last.dtype).tiny)
+            probs = torch.softmax(scaled, dim=-1)
             next_token = sample_top_p(probs, top_p, self.generator).reshape(-1)
         else:
             next_token = torch.argmax(logits[:, -1], dim=-1)
@@ -419,42 +421,44 @@ class Llama:
         if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
             raise ValueError(f"{name} must be a list of prompts, each a list of token ids (ints)")
         self._check_batch_size(len(prompt_tokens), name)
+        return [self._check_prompt(prompt, f"{name}[{i}]") for i, prompt in enumerate(prompt_tokens)]
+
+    def _check_prompt(self, prompt: list[int], name: str) -> list[int]:
         vocab_size, max_seq_len = self.model.params.vocab_size, self.model.params.max_seq_len
-        checked = []
-        for i, prompt in enumerate(prompt_tokens):
-            if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
-                raise ValueError(f"{name}[{i}] must be a list of token ids (ints), got {type(prompt).__name__}")
-            if len(prompt) == 0:
-                raise ValueError(f"{name}[{i}] is empty: a prompt needs at least one token (e.g. the BOS token)")
-            if len(prompt) > max_seq_len:
-                raise ValueError(
-                    f"{name}[{i}] is {len(prompt)} tokens long but max_seq_len is {max_seq_len}: shorten it, "
-                    "or build the Llama with a larger max_seq_len"
-                )
-            if not all(type(t) is int for t in prompt):  # the fast path; numpy or other integers are converted
-                for t in prompt:
-                    if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                        raise ValueError(f"{name}[{i}] holds {t!r}, which is not a token id: token ids are ints")
-                prompt = [int(t) for t in prompt]
-            lo, hi = min(prompt), max(prompt)
-            if lo < 0 or hi >= vocab_size:
-                raise ValueError(
-                    f"{name}[{i}] holds token id {lo if lo < 0 else hi}, outside this model's vocabulary "
-                    f"0..{vocab_size - 1}: were the ids made by another tokenizer?"
-                )
-            checked.append(list(prompt))
-        return checked
+        if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+            raise ValueError(f"{name} must be a list of token ids (ints), got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"{name} is empty: a prompt needs at least one token (e.g. the BOS token)")
+        if len(prompt) > max_seq_len:
+            raise ValueError(
+                f"{name} is {len(prompt)} tokens long but max_seq_len is {max_seq_len}: shorten it, "
+                "or build the Llama with a larger max_seq_len"
+            )
+        if not all(type(t) is int for t in prompt):  # the fast path; numpy or other integers are converted
+            for t in prompt:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                    raise ValueError(f"{name} holds {t!r}, which is not a token id: token ids are ints")
+            prompt = [int(t) for t in prompt]
+        lo, hi = min(prompt), max(prompt)
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(
+                f"{name} holds token id {lo if lo < 0 else hi}, outside this model's vocabulary "
+                f"0..{vocab_size - 1}: were the ids made by another tokenizer?"
+            )
+        return list(prompt)
 
     def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise ValueError("prompts must be a list of strings (wrap a single prompt in a list)")
         self._check_batch_size(len(prompts), "prompts")
-        for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise ValueError(f"prompts[{i}] must be a string, got {type(prompt).__name__}")
-            if not prompt:
-                raise ValueError(f"prompts[{i}] is empty: give some text to complete")
-        return self._check_prompt_tokens([self.tokenizer.encode(x, bos=True, eos=False) for x in prompts], "prompts")
+        return [self._encode_prompt(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
+
+    def _encode_prompt(self, prompt: str, name: str) -> list[int]:
+        if not isinstance(prompt, str):
+            raise ValueError(f"{name} must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError(f"{name} is empty: give some text to complete")
+        return self._check_prompt(self.tokenizer.encode(prompt, bos=True, eos=False), name)
 
     def _encode_dialog(self, dialog: Dialog, index: Optional[int]) -> Optional[list[int]]:
         """The prompt tokens of a dialog, or None for a Llama 2 dialog refused for its special tags."""
@@ -476,7 +480,7 @@ class Llama:
             tokens = self.formatter.encode_dialog_prompt(dialog)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{name} is malformed: {e}") from None
-        return self._check_prompt_tokens([tokens], name)[0]
+        return self._check_prompt(tokens, name)
 
     @property
     def _llama2_chat(self) -> bool:
