@@ -1,0 +1,67 @@
+"""The two example scripts run end to end on a tiny random checkpoint, with plain python and with torchrun."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT_PROMPTS = ["The most useful thing I learned", "English to Spanish:", "A note to the volunteers"]
+CHAT_TURNS = ["User: What is a good recipe", "System: Answer in exactly one sentence.", "Assistant: Lovely!"]
+
+
+def run(args: list[str], torchrun_nproc: int = 0) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", LLAMA_DEVICE="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    launcher = [sys.executable]
+    if torchrun_nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun_nproc}"]
+    result = subprocess.run(launcher + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("examples") / "tiny-llama"
+    run(["-m", "llama.tiny", "--out_dir", str(out)])  # as the README and install.sh make it
+    return out
+
+
+def test_chat_example_as_install_sh_runs_it(tiny):
+    out = run(
+        [
+            "example_chat_completion.py",
+            "--ckpt_dir",
+            str(tiny),
+            "--tokenizer_path",
+            str(tiny / "tokenizer.model"),
+            "--max_gen_len",
+            "16",
+        ]
+    )
+    assert out.count("> Assistant: ") == 4
+    assert all(turn in out for turn in CHAT_TURNS)
+
+
+def test_text_example_with_plain_python_and_no_tokenizer_path(tiny):
+    out = run(["example_text_completion.py", "--ckpt_dir", str(tiny), "--max_gen_len", "8", "--temperature", "0"])
+    assert all(prompt in out for prompt in TEXT_PROMPTS)
+    assert out.count("==================================") == 4
+
+
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_examples_under_torchrun(tiny, script):
+    out = run(
+        [script, "--ckpt_dir", str(tiny), "--tokenizer_path", str(tiny / "tokenizer.model"), "--max_gen_len", "12"], 1
+    )
+    assert out.count("==================================") == 4
+
+
+def test_chat_example_on_two_model_parallel_ranks_prints_once(tmp_path):
+    out = tmp_path / "tiny-2"
+    run(["-m", "llama.tiny", "--out_dir", str(out), "--n_shards", "2"])
+    printed = run(["example_chat_completion.py", "--ckpt_dir", str(out), "--max_gen_len", "8"], 2)
+    assert printed.count("> Assistant: ") == 4
