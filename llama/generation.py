@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, shard_paths
 from llama.model import Transformer
-from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer
+from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, has_special_tags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,8 +31,7 @@ class ChatPrediction(TypedDict, total=False):
     logprobs: list[float]
 
 
-# Llama 2 chat wraps turns in these tags; a dialog that writes them itself could forge turns (Meta's rule).
-SPECIAL_TAGS = ("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")
+# Meta's Llama 2 answer to a dialog that writes the chat format's own tags ([INST], <<SYS>>, ...).
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 
 
@@ -474,17 +473,13 @@ class Llama:
                 raise ValueError(
                     f"{name}[{j}]['content'] must be a string, got {type(message.get('content')).__name__}"
                 )
-        if self._llama2_chat and any(tag in m["content"] for m in dialog for tag in SPECIAL_TAGS):
-            return None
+        if self.formatter.style == "llama2" and has_special_tags(dialog):
+            return None  # refused; Llama 3's format has no such tags, and takes them as plain text
         try:
             tokens = self.formatter.encode_dialog_prompt(dialog)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{name} is malformed: {e}") from None
         return self._check_prompt(tokens, name)
-
-    @property
-    def _llama2_chat(self) -> bool:
-        return not hasattr(self.tokenizer, "special_tokens")  # Llama 3's tiktoken tokenizer has them
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
         if max_gen_len is None:

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from generation_helpers import build, one_thread, llama2_tokenizer_path, llama3_tokenizer_path, plain_greedy, write_tiny
+from generation_helpers import (
+    build,
+    llama2_tokenizer_path,
+    llama3_tokenizer_path,
+    one_thread,  # noqa: F401 (a fixture, used by pytestmark)
+    plain_greedy,
+    write_tiny,
+)
 
 from llama.generation import UNSAFE_ERROR, decode_stream, sample_top_p, token_logprobs, top_p_probs
 from llama.tiny import write_byte_tokenizer

@@ -5,14 +5,18 @@ import math
 
 import pytest
 import torch
-from generation_helpers import build, one_thread, plain_greedy, write_tiny
+from generation_helpers import (
+    build,
+    one_thread,  # noqa: F401 (a fixture, used by pytestmark)
+    plain_greedy,
+    write_tiny,
+)
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from llama.generation import token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-assert one_thread  # a fixture, used through pytestmark
 
 MAX_SEQ_LEN, MAX_BATCH_SIZE, VOCAB = 32, 3, 512  # the byte tokenizer: 256 bytes + 256 special tokens
 PROBE = [[300, 65, 66, 67], [300, 72]]  # a greedy call whose result shows whether the object still works
@@ -160,7 +164,9 @@ INVALID = {
         st.one_of(st.none(), st.integers(), st.text()),
     ),
     "prompt": st.one_of(st.just(""), st.text(min_size=MAX_SEQ_LEN, max_size=MAX_SEQ_LEN + 5), st.none(), st.integers()),
-    "max_gen_len": st.one_of(st.integers(max_value=0), st.floats(), st.booleans(), st.text(max_size=3), st.binary(max_size=3)),
+    "max_gen_len": st.one_of(
+        st.integers(max_value=0), st.floats(), st.booleans(), st.text(max_size=3), st.binary(max_size=3)
+    ),
     "temperature": st.one_of(
         st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf, -math.inf]), not_numbers
     ),
