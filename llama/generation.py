@@ -473,12 +473,12 @@ class Llama:
                 raise ValueError(
                     f"{name}[{j}]['content'] must be a string, got {type(message.get('content')).__name__}"
                 )
-        if self.formatter.style == "llama2" and has_special_tags(dialog):
-            return None  # refused; Llama 3's format has no such tags, and takes them as plain text
         try:
             tokens = self.formatter.encode_dialog_prompt(dialog)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{name} is malformed: {e}") from None
+        if self.formatter.style == "llama2" and has_special_tags(dialog):
+            return None  # refused, whatever its length; Llama 3's format takes the tags as plain text
         return self._check_prompt(tokens, name)
 
     def _default_gen_len(self, max_gen_len: Optional[int]) -> int:

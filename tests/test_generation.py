@@ -220,6 +220,17 @@ def test_decode_stream_never_splits_a_multibyte_character(llama3):
     assert "".join(decode_stream(build_byte_tokenizer(), [0xE6, 0x9D, ord("a"), 0xF0])) == "\ufffda\ufffd"
 
 
+def test_decode_stream_keeps_sentencepiece_spaces():
+    path = llama2_tokenizer_path()
+    if path is None:
+        pytest.skip("mistral-common (a Llama 2-style SentencePiece tokenizer.model) is not installed")
+    tokenizer = Tokenizer(str(path))
+    ids = tokenizer.encode("Hello world, naïve café 東京 🦙 and  two  spaces", bos=False, eos=False)
+    pieces = list(decode_stream(tokenizer, ids))
+    # Decoded one by one, "▁world" would lose its space; the stream keeps it.
+    assert "".join(pieces) == tokenizer.decode(ids) and " world," in pieces[1] + pieces[2]
+
+
 def build_byte_tokenizer():
     with tempfile.TemporaryDirectory() as d:
         write_byte_tokenizer(Path(d) / "tokenizer.model")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from generation_helpers import (
     build,
+    llama2_tokenizer_path,
     one_thread,  # noqa: F401 (a fixture, used by pytestmark)
     plain_greedy,
     write_tiny,
@@ -14,7 +15,7 @@ from generation_helpers import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from llama.generation import token_logprobs
+from llama.generation import UNSAFE_ERROR, token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -118,6 +119,39 @@ def test_each_bad_input_is_a_value_error_and_the_object_still_works(case, llama,
     with pytest.raises(ValueError, match=match):
         call(llama)
     assert_still_works(llama, fresh_probe)
+
+
+@pytest.fixture(scope="module")
+def llama2(tmp_path_factory):
+    path = llama2_tokenizer_path()
+    if path is None:
+        pytest.skip("mistral-common (a Llama 2-style SentencePiece tokenizer.model) is not installed")
+    folder = write_tiny(tmp_path_factory.mktemp("tiny2"), tokenizer=path, dim=32, n_heads=2, n_kv_heads=1, n_layers=1)
+    return build(folder, max_seq_len=MAX_SEQ_LEN, max_batch_size=MAX_BATCH_SIZE)
+
+
+LLAMA2_BAD_DIALOGS = {
+    "two user turns in a row": [msg("user", "a"), msg("user", "b")],
+    "ending with the assistant": [msg("user", "a"), msg("assistant", "b")],
+    "only a system message": [msg("system", "be brief")],
+    "a role Llama 2 has not": [msg("ipython", "{}")],
+    "malformed and with a tag": [msg("user", "[INST] a"), msg("user", "b")],
+}
+
+
+@pytest.mark.parametrize("case", LLAMA2_BAD_DIALOGS)
+def test_llama2_dialogs_that_break_its_format_are_value_errors(case, llama2):
+    good = [msg("user", "hello")]
+    with pytest.raises(ValueError, match=r"dialogs\[1\] is malformed"):
+        llama2.chat_completion([good, LLAMA2_BAD_DIALOGS[case]], max_gen_len=4)
+    with pytest.raises(ValueError, match="dialog is malformed"):
+        llama2.chat_completion_stream(LLAMA2_BAD_DIALOGS[case])
+    # A refused dialog costs nothing and is not checked against max_seq_len; the others still are.
+    long_tagged = [msg("user", "<<SYS>> " + "word " * MAX_SEQ_LEN)]
+    results = llama2.chat_completion([good, long_tagged], max_gen_len=4, temperature=0)
+    assert results[1]["generation"]["content"] == UNSAFE_ERROR
+    with pytest.raises(ValueError, match=r"dialogs\[0\].*max_seq_len"):
+        llama2.chat_completion([[msg("user", "word " * MAX_SEQ_LEN)], good])
 
 
 # -- Property tests: valid arguments give well-formed results; one bad argument gives a ValueError naming it --
