@@ -58,6 +58,9 @@ TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 # tiktoken's BPE is slow on (and its regex recurses on) long runs of whitespace or of non-whitespace
 # (https://github.com/openai/tiktoken/issues/195): Meta cuts such runs every 25,000 characters.
 MAX_NO_WHITESPACES_CHARS = 25_000
+# A line of a tiktoken BPE file: a base64 token and its rank (as bytes, to recognise the file; as text, to read it).
+_BPE_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}[ \t]+[0-9]+\s*")
+_BPE_TEXT_LINE = re.compile(r"[A-Za-z0-9+/]+={0,2}[ \t]+[0-9]+[ \t]*")
 
 
 class Tokenizer:
@@ -65,6 +68,7 @@ class Tokenizer:
     TiktokenTokenizer (Llama 3) or a SentencePieceTokenizer (Llama 1 and 2)."""
 
     kind: Literal["tiktoken", "sentencepiece"]
+    model_path: Path
     n_words: int
     bos_id: int
     eos_id: int
@@ -126,6 +130,10 @@ class TiktokenTokenizer(Tokenizer):
         disallowed_special="all" raises a ValueError when `s` holds one. Lone surrogates become U+FFFD."""
         _check_text(s)
         s = _utf8_encodable(s)
+        if isinstance(allowed_special, str) and allowed_special != "all":
+            raise ValueError(
+                f"allowed_special is {allowed_special!r}: give 'all' or a set of special-token strings"
+            )
         if allowed_special != "all":
             allowed_special = set(allowed_special)  # tiktoken subtracts it from a set
             unknown = allowed_special - self.special_tokens.keys()
@@ -274,10 +282,6 @@ def _read_file(path: Path) -> bytes:
     if not data:
         raise ValueError(f"{path} is empty: {EXPECTED_FILE}; download it again")
     return data
-
-
-_BPE_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2}[ \t]+[0-9]+\s*")
-_BPE_TEXT_LINE = re.compile(r"[A-Za-z0-9+/]+={0,2}[ \t]+[0-9]+[ \t]*")
 
 
 def _tokenizer_class(model_path: Optional[PathLike]) -> type:

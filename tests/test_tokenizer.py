@@ -160,6 +160,8 @@ def test_special_token_strings_in_text_encode_as_plain_text(llama3):
     assert llama3.encode("x<|eot_id|>", bos=False, eos=False, allowed_special={"<|eot_id|>"})[-1] == 128009
     with pytest.raises(ValueError, match="special token"):
         llama3.encode("x<|eot_id|>", bos=False, eos=False, disallowed_special="all")
+    with pytest.raises(ValueError, match="give 'all' or a set"):
+        llama3.encode("x", bos=False, eos=False, allowed_special="<|eot_id|>")
     with pytest.raises(ValueError, match="not special tokens"):
         llama3.encode("x", bos=False, eos=False, allowed_special={"<|no_such_token|>"})
 
