@@ -167,13 +167,14 @@ def test_a_rank_holds_its_own_share_of_the_weights_and_no_more(tmp_path):
         write_checkpoint(tmp_path / str(n), params, state, n, embedding_dim=1)
     params_path = tmp_path / "1" / "params.json"
     del state
-    # One shard split in two: the share is a view of the mapped file, no copy; the ranks of one machine
-    # share the file's pages. (How many pages a touch maps is the kernel's choice: whole large folios.)
-    assert _measure(tmp_path / "1", params_path, 2)["anon"] < 0.05 * size
+    # One shard split in two: the share is a view of the mapped file, no copy (a copy would add 0.5), and the
+    # ranks of one machine share the file's pages. (How much a touch maps is the kernel's choice: large folios.)
+    # Anonymous memory also holds the allocator's leftovers of a few MB, hence the margins.
+    assert _measure(tmp_path / "1", params_path, 2)["anon"] < 0.2 * size
     # Four shards merged onto one rank: copied shard by shard, each file unmapped before the next, so the
     # peak is the model plus one shard's pages, not the model twice.
     r = _measure(tmp_path / "4", params_path, 1)
-    assert 0.95 * size < r["anon"] < 1.05 * size and r["peak"] < 1.35 * size
+    assert 0.9 * size < r["anon"] < 1.2 * size and r["peak"] < 1.4 * size  # the old way peaked at 2x
     # Four shards onto two ranks: half the model, plus one shard's pages at a time.
     r = _measure(tmp_path / "4", params_path, 2)
-    assert 0.45 * size < r["anon"] < 0.55 * size and r["peak"] < 0.85 * size
+    assert 0.45 * size < r["anon"] < 0.7 * size and r["peak"] < 0.9 * size  # the old way peaked at 1.05x
