@@ -72,6 +72,12 @@ def _locate(ckpt_dir: PathLike) -> tuple[str, Path]:
     )
 
 
+def settings_file(ckpt_dir: PathLike) -> Path:
+    """The file that holds the model's settings: Meta's params.json or Hugging Face's config.json."""
+    kind, folder = _locate(ckpt_dir)
+    return folder / ("params.json" if kind == "meta" else "config.json")
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())

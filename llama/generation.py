@@ -12,7 +12,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
-from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, shard_paths
+from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
 from llama.model import Transformer
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, has_special_tags
 
@@ -100,7 +100,9 @@ class Llama:
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
     ) -> "Llama":
-        """Load Meta's checkpoint folder (params.json + consolidated.NN.pth) and its tokenizer.
+        """Load a checkpoint folder and its tokenizer: Meta's (params.json + consolidated.NN.pth, also
+        under original/) or a Hugging Face one (config.json + safetensors). tokenizer_path None: the
+        tokenizer.model in the folder, under original/, or beside it.
 
         device: default CUDA when present, else CPU (or LLAMA_DEVICE); dtype: default bfloat16 where
         supported (or LLAMA_DTYPE). Under torchrun every process loads its model-parallel share.
@@ -111,7 +113,8 @@ class Llama:
         ckpt_dir = Path(ckpt_dir)
         params = read_params(ckpt_dir)
         shard_paths(ckpt_dir)  # fail on a folder without shards before spending time on the rest
-        tokenizer = Tokenizer(str(tokenizer_path if tokenizer_path is not None else find_tokenizer(ckpt_dir)))
+        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(ckpt_dir)
+        tokenizer = Tokenizer(str(tokenizer_path))
 
         device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):
@@ -124,12 +127,13 @@ class Llama:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(seed)  # the same on every rank, so that all ranks sample the same tokens
 
-        args = model_args(params, str(ckpt_dir / "params.json"), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        source = settings_file(ckpt_dir)
+        args = model_args(params, str(source), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size == -1:
             args.vocab_size = tokenizer.n_words
         elif args.vocab_size != tokenizer.n_words:
             raise ValueError(
-                f"{ckpt_dir}/params.json has vocab_size {args.vocab_size} but the tokenizer {tokenizer_path} has "
+                f"{source} has vocab_size {args.vocab_size} but the tokenizer {tokenizer_path} has "
                 f"{tokenizer.n_words} tokens: pass the tokenizer.model that came with this model"
             )
         model = build_transformer(ckpt_dir, args, device, dtype, rank, world)
