@@ -1,0 +1,43 @@
+"""The Triton kernel tests run in Triton's interpreter on CPU tensors, in a pytest process of their own.
+
+`pytest tests/kernels` runs them here, with TRITON_INTERPRET=1 set before the kernels are defined;
+`pytest tests` leaves this folder to tests/test_kernels.py, which runs it as such a subprocess.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).parent.resolve()
+
+
+def _asked_for(config: pytest.Config) -> bool:
+    # True when pytest was pointed at this folder or a file in it, not at a folder above it.
+    base = Path(config.invocation_params.dir)
+    for arg in config.args:
+        path = (base / arg.split("::")[0]).resolve()
+        if path == _HERE or _HERE in path.parents:
+            return True
+    return False
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not _asked_for(config):
+        return
+    # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when kernels.triton_ops is imported.
+    if "kernels.triton_ops" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise pytest.UsageError(
+            "kernels.triton_ops was imported before TRITON_INTERPRET=1 was set; run the kernel tests in "
+            "their own process: TRITON_INTERPRET=1 pytest tests/kernels"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config):
+    # Collected as part of a larger run, these tests would run a second time, and in a process that may
+    # already have imported the kernels compiled for a GPU; tests/test_kernels.py runs them instead.
+    if not _asked_for(config):
+        return True
+    return None
