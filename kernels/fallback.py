@@ -23,21 +23,23 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int)
     """
     bs, seqlen, n_heads, head_dim = q.shape
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
-    group = n_heads // n_kv_heads
+    group, dtype = n_heads // n_kv_heads, q.dtype
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (bs, n_kv_heads, kv_len, head_dim)
     if seqlen > 1 and start_pos == 0:
         # A prompt from scratch: PyTorch's fused attention, which never builds the full score matrix.
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, is_causal=True, enable_gqa=True)
         return out.transpose(1, 2)
-    # The query heads that share a KV head become rows of one matrix, so K and V are read, never copied.
+    # The query heads that share a KV head become rows of one matrix, so K and V are never repeated per head.
     q = q.view(bs, seqlen, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(bs, n_kv_heads, group * seqlen, head_dim)  # row r is query position r % seqlen
+    # In float32 (the KV slice converted once): on CPU, bfloat16 batched matmuls of shapes that change every
+    # step cost 10-100x more (oneDNN builds a kernel per shape, ATen's own is slow) than float32 BLAS.
+    q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (bs, n_kv, group*seqlen, kv_len)
     if seqlen > 1:
         q_pos = torch.arange(start_pos, start_pos + seqlen, device=q.device).repeat(group)
         visible = torch.arange(kv_len, device=q.device)[None, :] <= q_pos[:, None]
         scores = scores.masked_fill(~visible, float("-inf"))
-    probs = F.softmax(scores.float(), dim=-1).type_as(q)
-    out = torch.matmul(probs, v)  # (bs, n_kv_heads, group * seqlen, head_dim)
+    out = torch.matmul(F.softmax(scores, dim=-1), v).to(dtype)  # (bs, n_kv_heads, group * seqlen, head_dim)
     out = out.view(bs, n_kv_heads, group, seqlen, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(bs, seqlen, n_heads, head_dim)
