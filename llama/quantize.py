@@ -1,0 +1,89 @@
+"""Opt-in int8 weight-only quantization: swaps a loaded Transformer's linear layers for int8 ones.
+
+Each output channel (row of a weight) gets one scale, max|row| / 127, computed from the normal checkpoint at
+load time; the model then reads half the bytes of bfloat16 per token. The layers keep the model-parallel
+communication of the fairscale layers they replace, so a sharded model quantizes rank by rank.
+"""
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.mappings as mp
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from torch import nn
+
+
+def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, per-row scale) with weight ~= int8 * scale[:, None]; symmetric, -127..127."""
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
+    for rows in range(0, weight.shape[0], 4096):  # float32 a few rows at a time: no full-size copy
+        w = weight[rows : rows + 4096].float()
+        # Round the scale to its stored dtype first, so that dividing by it leaves no systematic error.
+        s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(scale_dtype)
+        q[rows : rows + 4096] = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scales[rows : rows + 4096] = s
+    return q, scales
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (int8 weight * scale)^T for this rank's shard of the weight, no bias (Llama has none)."""
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        weight = linear.weight.detach()
+        q, scales = quantize_rows(weight, weight.dtype)
+        self.register_buffer("weight", q)  # (out_features_local, in_features_local)
+        self.register_buffer("scales", scales)  # (out_features_local,), in the activations' dtype
+        # One rank: fairscale's communication is a no-op, but costs time and stops torch.compile; skip it.
+        self.parallel = fs_init.get_model_parallel_world_size() > 1
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.shape[:-1].numel() <= 16:
+            # ATen's int8 kernel: converts each weight in registers, never writes a bfloat16 copy.
+            x2d = x.reshape(-1, x.shape[-1])
+            return torch._weight_int8pack_mm(x2d, self.weight, self.scales).view(*x.shape[:-1], -1)
+        # Elsewhere (CUDA, float32, prompts): dequantize, then one dense matmul; torch.compile fuses the two.
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+
+
+class Int8ColumnParallelLinear(Int8Linear):
+    def __init__(self, linear: ColumnParallelLinear):
+        super().__init__(linear)
+        self.gather_output = linear.gather_output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As fairscale's ColumnParallelLinear: identity forward (all-reduce of gradients), local output
+        # features, gathered across ranks when asked.
+        if not self.parallel:
+            return self.matmul(x)
+        out = self.matmul(mp.copy_to_model_parallel_region(x))
+        return mp.gather_from_model_parallel_region(out) if self.gather_output else out
+
+
+class Int8RowParallelLinear(Int8Linear):
+    def __init__(self, linear: RowParallelLinear):
+        super().__init__(linear)
+        self.input_is_parallel = linear.input_is_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As fairscale's RowParallelLinear: this rank's input features in, partial sums all-reduced out.
+        if not self.parallel:
+            return self.matmul(x)
+        if not self.input_is_parallel:
+            x = mp.scatter_to_model_parallel_region(x)
+        return mp.reduce_from_model_parallel_region(self.matmul(x))
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every Column/RowParallelLinear of a loaded model (wq, wk, wv, wo, w1, w2, w3, output) in place.
+
+    The embedding stays as it is (a lookup reads one row per token). Returns the model.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ColumnParallelLinear):
+                setattr(parent, name, Int8ColumnParallelLinear(child))
+            elif isinstance(child, RowParallelLinear):
+                setattr(parent, name, Int8RowParallelLinear(child))
+    return model
