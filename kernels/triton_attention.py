@@ -54,7 +54,8 @@ def _online_softmax_step(acc, m_i, l_i, qk, v, WIDEN: tl.constexpr):
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    # The probabilities meet V in V's dtype (as the fallback casts them), accumulating in float32.
+    # The probabilities meet V in V's dtype, as in FlashAttention, so the product runs on tensor cores;
+    # it accumulates in float32.
     acc = _dot(p.to(v.dtype), v, acc, WIDEN)
     return acc, m_new, l_i
 

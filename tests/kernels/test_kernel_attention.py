@@ -10,8 +10,9 @@ import torch
 from kernels import fallback, triton_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Kernel against fallback. The fallback rounds the softmax probabilities to the input dtype before they
-# meet V, the kernels round unnormalised ones: in bfloat16 the two differ by a few ulps of the output.
+# Kernel against fallback. The kernels round the (unnormalised) softmax probabilities to the input dtype
+# before they meet V, as FlashAttention does; the fallback keeps them in float32. In bfloat16 the two
+# differ by a few ulps of the output.
 TOLERANCE = {
     torch.float32: dict(atol=2e-5, rtol=1e-5),
     torch.float16: dict(atol=5e-3, rtol=5e-3),

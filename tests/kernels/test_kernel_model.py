@@ -56,8 +56,8 @@ def test_float32_logits_are_the_same_with_triton_and_torch_kernels(model_paralle
 
 
 def test_bfloat16_logits_are_as_close_to_float32_with_triton_as_with_torch(model_parallel_group, monkeypatch):
-    # In bfloat16 both paths round differently (SDPA keeps float32 probabilities, the kernels round them
-    # as the fallback's matmul path does), so each is held against the float32 model with the same weights.
+    # In bfloat16 the paths round differently (the fallback keeps softmax probabilities in float32, the
+    # kernels round them to bfloat16 before they meet V), so each is held against the float32 model.
     model = random_model(torch.bfloat16)
     exact_model = random_model(torch.bfloat16).float()
     exact = run(exact_model, "torch", monkeypatch)
