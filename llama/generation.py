@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
 from llama.model import Transformer
+from llama.quantize import quantize_int8
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, has_special_tags
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,14 +100,18 @@ class Llama:
         *,
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
+        quantize: Optional[str] = None,
     ) -> "Llama":
         """Load a checkpoint folder and its tokenizer: Meta's (params.json + consolidated.NN.pth, also
         under original/) or a Hugging Face one (config.json + safetensors). tokenizer_path None: the
         tokenizer.model in the folder, under original/, or beside it.
 
         device: default CUDA when present, else CPU (or LLAMA_DEVICE); dtype: default bfloat16 where
-        supported (or LLAMA_DTYPE). Under torchrun every process loads its model-parallel share.
+        supported (or LLAMA_DTYPE). quantize="int8": int8 weight-only linear layers (llama/quantize.py).
+        Under torchrun every process loads its model-parallel share.
         """
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize={quantize!r} is not supported: use None or 'int8'")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -137,6 +142,8 @@ class Llama:
                 f"{tokenizer.n_words} tokens: pass the tokenizer.model that came with this model"
             )
         model = build_transformer(ckpt_dir, args, device, dtype, rank, world)
+        if quantize == "int8":
+            model = quantize_int8(model)
         return Llama(model, tokenizer, seed=seed)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):

@@ -173,3 +173,22 @@ def test_a_failed_build_leaves_nothing_that_breaks_the_next(tmp_path):
         warnings.simplefilter("error")
         llama = build(tmp_path / "good")
     assert llama.model(torch.tensor([[1, 2, 3]]), 0).shape == (1, 3, 512)
+
+
+def test_build_with_int8_quantization_swaps_the_linear_layers_and_stays_close(tmp_path):
+    from llama.quantize import Int8Linear
+
+    make_folder(tmp_path)
+    plain = Llama.build(str(tmp_path), None, 32, 2, device="cpu", dtype="bfloat16")
+    int8 = Llama.build(str(tmp_path), None, 32, 2, device="cpu", dtype="bfloat16", quantize="int8")
+    assert isinstance(int8.model.layers[0].attention.wq, Int8Linear) and isinstance(int8.model.output, Int8Linear)
+    tokens = torch.tensor([[5, 6, 7, 8]])
+    a, b = plain.model(tokens, 0), int8.model(tokens, 0)
+    assert (a - b).abs().max() <= 0.1 * a.std()  # the bound tests/test_quantize.py states for the model
+    assert int8.text_completion(["hi"], max_gen_len=4, temperature=0)[0]["generation"] is not None
+
+
+def test_unknown_quantization_is_refused(tmp_path):
+    make_folder(tmp_path)
+    with pytest.raises(ValueError, match="quantize='int4'"):
+        build(tmp_path, quantize="int4")
