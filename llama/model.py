@@ -90,12 +90,11 @@ def precompute_freqs_cis(head_dim: int, end: int, theta: float, scale_factor: Op
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    # x: (bs, seqlen, n_heads, head_dim), freqs_cis: (seqlen, head_dim / 2, 2)
-    pairs = x.float().unflatten(-1, (-1, 2))  # (bs, seqlen, n_heads, head_dim / 2, 2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = freqs_cis[None, :, None, :, 0], freqs_cis[None, :, None, :, 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    # x: (bs, seqlen, n_heads, head_dim), freqs_cis: (seqlen, head_dim / 2, 2). Each pair (x0, x1) read as
+    # the complex number x0 + i x1 and multiplied by cos + i sin: one kernel for the rotation.
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bs, seqlen, n_heads, head_dim / 2)
+    rotated = pairs * torch.view_as_complex(freqs_cis)[None, :, None, :]
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
 @contextmanager
