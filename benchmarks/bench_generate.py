@@ -369,7 +369,7 @@ def main() -> None:
     p.add_argument("--batch_sizes", default="1,4")
     p.add_argument(
         "--systems",
-        default="ours,compiled,int8,int8+compiled,hf,generate",
+        default="ours,int8,hf,generate",
         help="any of ours,compiled,int8,int8+compiled,hf,generate (Llama.generate against the bare loop)",
     )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per system and batch size (medians)")
