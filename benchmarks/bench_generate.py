@@ -287,18 +287,21 @@ def make_llama(model: Transformer):
 
 
 def bandwidth_probes(dtype: torch.dtype, device: torch.device, gib: float = 1.0) -> dict[str, float]:
-    """GB/s reading `gib` GiB once: a plain sum in float32, and a matrix-vector product over a weight
-    matrix of that size in `dtype` (through each CPU matmul path). Cache is far smaller than the buffers."""
+    """GB/s reading `gib` GiB: a plain sum in float32, and a matrix-vector product over a weight matrix of
+    that size in `dtype` (through each CPU matmul path); caches are far smaller than the buffers."""
     results = {}
     n = int(gib * 2**30)
 
-    def timed(fn: Callable, nbytes: int) -> float:
+    def timed(fn: Callable, nbytes: int) -> float:  # the fastest of three reads, after a warm-up
         fn()
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        return nbytes / (time.perf_counter() - t) / 1e9
+        seconds = []
+        for _ in range(3):
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            seconds.append(time.perf_counter() - t)
+        return nbytes / min(seconds) / 1e9
 
     buf = torch.ones(n // 4, dtype=torch.float32, device=device)
     results["sum float32"] = timed(buf.sum, n)
@@ -372,7 +375,7 @@ def main() -> None:
         default="ours,int8,hf,generate",
         help="any of ours,compiled,int8,int8+compiled,hf,generate (Llama.generate against the bare loop)",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per system and batch size (medians)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per system and batch size (medians)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="default", choices=["default", *DTYPES])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -476,7 +479,7 @@ def main() -> None:
         f"load average {load0[0]:.1f} before, {load1[0]:.1f} after"
     )
     print(
-        "# memory bandwidth, reading 1 GiB once (medians, GB/s): "
+        "# memory bandwidth reading 1 GiB (fastest of 3 reads, median over runs, GB/s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in med_probes.items())
         + f". Roofline: {bandwidth:.1f} GB/s ({best_probe}) / bytes read per decode step"
     )
@@ -488,6 +491,8 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    gemv_name = max((k for k in med_probes if k.startswith("GEMV")), key=med_probes.get)
+    vs_gemv = []  # decode bandwidth against the fastest GEMV probe, batch 1
     for b in batches:
         hf_t = timings.get(("hf", b))
         for name in names:
@@ -501,6 +506,8 @@ def main() -> None:
             else:
                 step_bytes = bytes_per_step(model, args, b, context, dtype)
             roof = b * bandwidth * 1e9 / step_bytes
+            if b == 1 and "int8" not in name:
+                vs_gemv.append(f"{name} {decode * step_bytes / 1e9 / med_probes[gemv_name]:.0%}")
             weights = tensor_bytes(model)
             peak = weights + statistics.median(tm.extra_mem)
             vs_dec = vs_pre = ""
@@ -511,6 +518,10 @@ def main() -> None:
                 f"{name:<14}{b:>6}{ttft * 1e3:>10.0f}{prefill:>15.1f}{decode:>14.2f}{roof:>16.2f}{decode / roof:>13.0%}"
                 f"{vs_dec:>14}{vs_pre:>15}{weights / 1e9:>12.2f}{peak / 1e9:>9.2f}"
             )
+    if vs_gemv:
+        print(
+            f"# batch 1 decode against the {gemv_name} probe ({med_probes[gemv_name]:.1f} GB/s): " + ", ".join(vs_gemv)
+        )
     for b, times in gen_times.items():
         loop = statistics.median(timings[("ours", b)].total)
         print(
