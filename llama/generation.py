@@ -1,5 +1,6 @@
 """Llama: build a model from Meta's checkpoint folder, then generate text with it."""
 
+import atexit
 import math
 import numbers
 import os
@@ -68,6 +69,9 @@ def init_distributed(model_parallel_size: Optional[int], device: torch.device) -
             dist.init_process_group(backend)
         else:  # plain `python script.py`: a group of one, no network needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        # Tear the group down before the interpreter does: gloo's threads otherwise can abort the exit
+        # ("terminate called without an active exception") after all the work is done.
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
     world = dist.get_world_size()
     if model_parallel_size is not None and (model_parallel_size < 1 or world % model_parallel_size):
         raise ValueError(
