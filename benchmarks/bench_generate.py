@@ -1,16 +1,17 @@
 """Generation speed of a Meta model shape with random weights (no download), against transformers and
 against the memory-bandwidth roofline, in one table.
 
-    python benchmarks/bench_generate.py --model llama3.2-1b                     # the README's table
-    python benchmarks/bench_generate.py --model llama3-8b --layers 2 --repeats 2  # a quick look at a big shape
+    python benchmarks/bench_generate.py --model llama3.2-1b --repeats 5          # the README's table
+    python benchmarks/bench_generate.py --model llama3-8b --layers 2 --repeats 1  # a quick look at a big shape
 
 Measures, for each system and batch size: time to first token and prefill tokens/s for a prompt of
 --prompt_len tokens, decode tokens/s over --new_tokens tokens (greedy), and peak memory. Systems: "ours"
 (Transformer.forward with the KV cache, one token at a time with last_only, argmax, as Llama.generate
-does), "int8" (llama.quantize), "compiled" (llama.fast), "hf" (transformers' LlamaForCausalLM holding the
-same weights, through its own generate, greedy, min_new_tokens = max_new_tokens). Also measures the
-memory bandwidth this machine reaches reading a large weight matrix, which bounds decoding: each token
-reads every weight once, so tokens/s <= bandwidth / bytes read per step.
+does), "compiled" (llama.fast.compile_decode), "int8" (llama.quantize), "int8+compiled", "hf"
+(transformers' LlamaForCausalLM holding the same weights, through its own generate, greedy,
+min_new_tokens = max_new_tokens), and "generate" (Llama.generate, timed against ours' bare loop). Also
+measures the memory bandwidth this machine reaches reading a large weight matrix, which bounds decoding:
+each token reads every weight once, so tokens/s <= bandwidth / bytes read per step.
 """
 
 import argparse
@@ -372,7 +373,7 @@ def main() -> None:
     p.add_argument("--batch_sizes", default="1,4")
     p.add_argument(
         "--systems",
-        default="ours,int8,hf,generate",
+        default="ours,compiled,int8,int8+compiled,hf,generate",
         help="any of ours,compiled,int8,int8+compiled,hf,generate (Llama.generate against the bare loop)",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system and batch size (medians)")
@@ -449,10 +450,10 @@ def main() -> None:
         if "compiled" in name:
             compile_s[name] = time.perf_counter() - t
         print(f"  {name}: warmed up in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
-    for _ in range(opts.repeats):
+    for r in range(opts.repeats):
         probes.append(bandwidth_probes(dtype, device))
         for b in batches:
-            for name in names:
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # a different system goes first
                 with RunMemory(device) as mem:
                     t = time.perf_counter()
                     ttft, steps = run(name, b, opts.new_tokens)
