@@ -85,7 +85,7 @@ def _prefill_kernel(
     n_heads,
     seqlen,
     start_pos,
-    qk_scale,
+    QK_SCALE: tl.constexpr,  # log2(e) / sqrt(head_dim): a constant, so it is float32 however launched
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -128,7 +128,7 @@ def _prefill_kernel(
         kv_offs = (start_n + offs_n)[:, None]
         k = tl.load(k_base + kv_offs * stride_ks, mask=mask_d[None, :], other=0.0)
         v = tl.load(v_base + kv_offs * stride_vs, mask=mask_d[None, :], other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), WIDEN) * qk_scale
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), WIDEN) * QK_SCALE
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, WIDEN)
 
     for start_n in range(unmasked_end, end, BLOCK_N):
@@ -136,7 +136,7 @@ def _prefill_kernel(
         kv_mask = (kv_pos < kv_len)[:, None] & mask_d[None, :]
         k = tl.load(k_base + kv_pos[:, None] * stride_ks, mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_pos[:, None] * stride_vs, mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), WIDEN) * qk_scale
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), WIDEN) * QK_SCALE
         # The causal mask, offset by the cache: query at absolute position p sees keys 0 .. p.
         visible = (kv_pos[None, :] <= q_pos[:, None]) & (kv_pos < kv_len)[None, :]
         qk = tl.where(visible, qk, float("-inf"))
@@ -171,14 +171,16 @@ def _decode_split_kernel(
     stride_lb,
     stride_lh,
     kv_len,
+    StartPos,
     split_len,
-    qk_scale,
+    QK_SCALE: tl.constexpr,  # log2(e) / sqrt(head_dim): a constant, so it is float32 however launched
     GROUP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WIDEN: tl.constexpr,
+    POS_ON_DEVICE: tl.constexpr,
 ):
     # One program: the GROUP query heads that share one KV head, over one chunk of the sequence, so each
     # K and V tile is read once for the whole group. The query heads are the rows of a small matrix,
@@ -203,7 +205,10 @@ def _decode_split_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
-    # The launcher makes every chunk non-empty, so each row ends with a finite max and a sum >= 1.
+    if POS_ON_DEVICE:  # the query's position is read here, not passed at launch (CUDA graphs)
+        kv_len = tl.load(StartPos).to(tl.int32) + 1
+    # With the position passed at launch every chunk holds keys; read on the device, the chunks past it
+    # hold none, and store a zero output with weight exp2(-inf) = 0.
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_len)
     for start_n in range(lo, hi, BLOCK_N):
@@ -211,13 +216,13 @@ def _decode_split_kernel(
         kv_mask = (kv_pos < hi)[:, None] & mask_d[None, :]
         k = tl.load(k_base + kv_pos[:, None] * stride_ks, mask=kv_mask, other=0.0)
         v = tl.load(v_base + kv_pos[:, None] * stride_vs, mask=kv_mask, other=0.0)
-        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), WIDEN) * qk_scale
+        qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), WIDEN) * QK_SCALE
         qk = tl.where((kv_pos < hi)[None, :], qk, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, WIDEN)
 
     # The chunk's normalised output and its log2-sum-exp2, which the reduction needs to weigh chunks.
     p_ptrs = PartOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
-    tl.store(p_ptrs, acc / l_i[:, None], mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(p_ptrs, acc / tl.maximum(l_i, 1.0)[:, None], mask=mask_h[:, None] & mask_d[None, :])
     tl.store(PartLse + b * stride_lb + heads * stride_lh + split, m_i + tl.math.log2(l_i), mask=mask_h)
 
 
@@ -296,9 +301,16 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) ->
         )
     if n_kv_heads == 0 or n_heads % n_kv_heads:
         raise ValueError(f"attention: n_heads {n_heads} must be a multiple of n_kv_heads {n_kv_heads}")
-    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+    if isinstance(start_pos, torch.Tensor):
+        if start_pos.numel() != 1 or start_pos.dtype != torch.long or start_pos.device != q.device or seqlen != 1:
+            raise ValueError(
+                "attention: a start_pos tensor must be one int64 on q's device, for one query per sequence; got "
+                f"{start_pos.dtype} of shape {tuple(start_pos.shape)} on {start_pos.device}, seqlen {seqlen}"
+            )
+        # The position is read on the device: k, v may run past it (the whole cache).
+    elif isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
         raise ValueError(f"attention: start_pos must be a non-negative int, got {start_pos!r}")
-    if kv_len != start_pos + seqlen:
+    elif kv_len != start_pos + seqlen:
         raise ValueError(
             f"attention: k, v hold {kv_len} positions but start_pos {start_pos} + seqlen {seqlen} = "
             f"{start_pos + seqlen}; pass the cache up to the last query, cache[:bs, :start_pos + seqlen]"
@@ -327,8 +339,10 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     if dtype == torch.float32:
         # float32 runs on CUDA cores, whose tiles take many registers: these compile without spills (sm_90).
         return (32, 32, 4, 2) if head_dim <= 64 else (32, 16, 8, 2)
-    # The fused-attention tutorial's choices for Hopper and Ampere: 128 queries, 64 keys a tile.
-    return 128, 64, 4 if head_dim <= 64 else 8, 3
+    # Measured on an H100 (benchmarks/bench_kernels.py --sweep): head_dim 64 runs fastest in tiles of 64
+    # queries and 64 keys (+30% over 128 x 64 at 4k tokens); head_dim 128 in 128 x 64 with 8 warps, which
+    # also fits the shared memory of smaller GPUs (128 x 128 was within 7% on the H100).
+    return (64, 64, 4, 3) if head_dim <= 64 else (128, 64, 8, 3)
 
 
 def _decode_config(device: torch.device) -> tuple[int, int, int]:
@@ -367,7 +381,7 @@ def attention_prefill(
         n_heads,
         seqlen,
         start_pos,
-        _LOG2E / math.sqrt(head_dim),
+        QK_SCALE=_LOG2E / math.sqrt(head_dim),
         GROUP=n_heads // n_kv_heads,
         HEAD_DIM=head_dim,
         BLOCK_D=_block_d(head_dim),
@@ -390,8 +404,10 @@ def attention_decode(
 ) -> torch.Tensor:
     """Flash-decoding of one new query per sequence: chunks of the cache in parallel, then their reduction.
 
-    split_len (positions a chunk, a multiple of BLOCK_N) and config (BLOCK_N, num_warps, num_stages)
-    override the choice, for tests and benchmarks.
+    start_pos may be a one-element int64 tensor on the GPU, read by the kernel: then k, v are the whole cache,
+    the same shapes at every position, and a CUDA graph of the call serves every step. split_len (positions
+    a chunk, a multiple of BLOCK_N) and config (BLOCK_N, num_warps, num_stages) override the choice, for
+    tests and benchmarks.
     """
     _check(q, k, v, start_pos)
     bs, seqlen, n_heads, head_dim = q.shape
@@ -401,6 +417,7 @@ def attention_decode(
         )
     kv_len, n_kv_heads = k.shape[1], k.shape[2]
     group = n_heads // n_kv_heads
+    on_device = isinstance(start_pos, torch.Tensor)
     block_n, num_warps, num_stages = config or _decode_config(q.device)
     if split_len is None:
         # Enough chunks that bs * n_kv_heads * n_splits programs fill the device, each a whole number of tiles.
@@ -410,7 +427,7 @@ def attention_decode(
         raise ValueError(
             f"attention_decode: split_len must be a positive multiple of {block_n}, got {split_len}"
         )
-    n_splits = triton.cdiv(kv_len, split_len)  # every chunk holds at least one key
+    n_splits = triton.cdiv(kv_len, split_len)  # every chunk holds at least one key of k, v
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.numel() == 0:
@@ -432,14 +449,16 @@ def attention_decode(
         *part_out.stride()[:3],
         *part_lse.stride()[:2],
         kv_len,
+        start_pos if on_device else q,  # (q: a pointer the kernel ignores)
         split_len,
-        _LOG2E / math.sqrt(head_dim),
+        QK_SCALE=_LOG2E / math.sqrt(head_dim),
         GROUP=group,
         HEAD_DIM=head_dim,
         BLOCK_D=block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_N=block_n,
         WIDEN=_widen(q),
+        POS_ON_DEVICE=on_device,
         num_warps=num_warps,
         num_stages=num_stages,
     )

@@ -1,5 +1,6 @@
-"""Runs tests/kernels (the Triton kernels against their PyTorch fallbacks, in Triton's interpreter) in a
-pytest process of its own, where TRITON_INTERPRET=1 is set before anything imports the kernels."""
+"""Runs tests/kernels (the Triton kernels against their PyTorch fallbacks) in a pytest process of its own:
+in Triton's interpreter on CPU tensors, where TRITON_INTERPRET=1 is set before anything imports the
+kernels, and, where there is a GPU, a second time with the kernels compiled for it."""
 
 import importlib.util
 import os
@@ -8,14 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 KERNEL_TESTS = Path(__file__).parent / "kernels"
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_triton_kernels_match_fallbacks_in_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("LLAMA_KERNELS", None)
+def run_kernel_tests(**env_changes: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_KERNELS", "TRITON_INTERPRET")}
+    env.update(env_changes)
     command = [sys.executable, "-m", "pytest", str(KERNEL_TESTS), "-q", "-rfE", "-p", "no:cacheprovider"]
     result = subprocess.run(
         command, cwd=KERNEL_TESTS.parent.parent, env=env, capture_output=True, text=True, timeout=1200
@@ -24,3 +26,14 @@ def test_triton_kernels_match_fallbacks_in_the_interpreter():
     assert result.returncode == 0, (
         f"{' '.join(command)} failed:\n{result.stdout[-30000:]}\n{result.stderr[-5000:]}"
     )
+
+
+@needs_triton
+def test_triton_kernels_match_fallbacks_in_the_interpreter():
+    run_kernel_tests(TRITON_INTERPRET="1")
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernels_match_fallbacks_compiled_on_the_gpu():
+    run_kernel_tests()

@@ -1,7 +1,9 @@
-"""The Triton kernel tests run in Triton's interpreter on CPU tensors, in a pytest process of their own.
+"""The Triton kernel tests, in a pytest process of their own: in Triton's interpreter on CPU tensors, or
+compiled for the GPU on CUDA tensors where there is one (kernel_device.DEVICE).
 
-`pytest tests/kernels` runs them here, with TRITON_INTERPRET=1 set before the kernels are defined;
-`pytest tests` leaves this folder to tests/test_kernels.py, which runs it as such a subprocess.
+`pytest tests/kernels` runs them here, with TRITON_INTERPRET=1 set before the kernels are defined unless
+CUDA is available; `pytest tests` leaves this folder to tests/test_kernels.py, which runs it as such a
+subprocess, in the interpreter and, with a GPU, compiled as well.
 """
 
 import os
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _HERE = Path(__file__).parent.resolve()
 
@@ -24,7 +27,7 @@ def _asked_for(config: pytest.Config) -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if not _asked_for(config):
+    if not _asked_for(config) or "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
         return
     # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when kernels.triton_ops is imported.
     if "kernels.triton_ops" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":

@@ -1,11 +1,12 @@
-"""The Triton attention kernels equal the PyTorch fallback, in Triton's interpreter, over shapes that catch
-tiling bugs; and the fallback equals a naive masked softmax(QK^T / sqrt(d)) V."""
+"""The Triton attention kernels equal the PyTorch fallback (in Triton's interpreter, or compiled on a GPU),
+over shapes that catch tiling bugs; and the fallback equals a naive masked softmax(QK^T / sqrt(d)) V."""
 
 import itertools
 import math
 
 import pytest
 import torch
+from kernel_device import DEVICE
 
 from kernels import fallback, triton_ops
 
@@ -25,17 +26,17 @@ def make_inputs(bs, seqlen, start_pos, n_kv_heads, group, head_dim, dtype, heads
     (more sequences, more positions), laid out positions-first or heads-first (bs, n_kv_heads, positions, hd)."""
     g = torch.Generator().manual_seed(seed)
     kv_len = start_pos + seqlen
-    q = torch.randn(bs, seqlen, n_kv_heads * group, head_dim, generator=g).to(dtype)
+    q = torch.randn(bs, seqlen, n_kv_heads * group, head_dim, generator=g).to(DEVICE, dtype)
     views = []
     for _ in range(2):
-        values = torch.randn(bs, kv_len, n_kv_heads, head_dim, generator=g).to(dtype)
+        values = torch.randn(bs, kv_len, n_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
         # NaN wherever the kernel must not look: one stray read past kv_len or into another sequence shows.
         if heads_first:
-            cache = torch.full((bs + 2, n_kv_heads, kv_len + 9, head_dim), float("nan"), dtype=dtype)
+            cache = torch.full((bs + 2, n_kv_heads, kv_len + 9, head_dim), float("nan"), dtype=dtype, device=DEVICE)
             cache[:bs, :, :kv_len] = values.transpose(1, 2)
             views.append(cache[:bs, :, :kv_len].transpose(1, 2))
         else:
-            cache = torch.full((bs + 2, kv_len + 9, n_kv_heads, head_dim), float("nan"), dtype=dtype)
+            cache = torch.full((bs + 2, kv_len + 9, n_kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
             cache[:bs, :kv_len] = values
             views.append(cache[:bs, :kv_len])
     k, v = views
@@ -49,8 +50,8 @@ def naive_attention(q, k, v, start_pos):
     k = k.double().repeat_interleave(group, dim=2)  # (bs, kv_len, n_heads, head_dim)
     v = v.double().repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) / math.sqrt(head_dim)
-    q_pos = torch.arange(start_pos, start_pos + seqlen)[:, None]
-    k_pos = torch.arange(k.shape[1])[None, :]
+    q_pos = torch.arange(start_pos, start_pos + seqlen, device=q.device)[:, None]
+    k_pos = torch.arange(k.shape[1], device=q.device)[None, :]
     scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
     return torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v)
 
@@ -200,4 +201,21 @@ def test_attention_rejects_bad_input(args, match):
 def test_decode_rejects_a_split_that_is_not_whole_tiles():
     q, k, v = make_inputs(1, 1, 40, 1, 4, 64, torch.float32)
     with pytest.raises(ValueError, match="multiple of 16"):
-        triton_ops.attention_decode(q, k, v, 40, split_len=24)
+        triton_ops.attention_decode(q, k, v, 40, split_len=24, config=(16, 4, 1))
+
+
+@pytest.mark.parametrize("start_pos", [0, 37, 99])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_with_the_position_in_a_tensor_reads_only_the_cache_up_to_it(start_pos, dtype):
+    # The CUDA-graph form: k, v are the whole cache (100 positions) and the kernel reads the position; the
+    # chunks past it hold no keys. Whatever the cache holds there (NaN for the kernel, which must not load
+    # it; large values for the fallback, which masks their scores) must not leak in.
+    q, k, v = make_inputs(3, 1, 99, 2, 4, 64, dtype, heads_first=True)
+    upto = (q, k[:, : start_pos + 1], v[:, : start_pos + 1], start_pos)
+    expected = fallback.attention(*upto)
+    pos = torch.tensor([start_pos], device=DEVICE)
+    k[:, start_pos + 1 :], v[:, start_pos + 1 :] = 1e4, 1e4
+    torch.testing.assert_close(fallback.attention(q, k, v, pos), expected)
+    k[:, start_pos + 1 :], v[:, start_pos + 1 :] = float("nan"), float("nan")
+    for split_len in (None, 16 if DEVICE.type == "cpu" else 64):
+        assert_matches_fallback(triton_ops.attention_decode(q, k, v, pos, split_len=split_len), *upto)

@@ -1,10 +1,12 @@
-"""The whole Transformer gives the same logits with the kernels forced to Triton (in the interpreter) and
-to PyTorch: a batched prefill, a second chunk of prompt at start_pos > 0, then single-token decode steps."""
+"""The whole Transformer gives the same logits with the kernels forced to Triton (in the interpreter, or
+compiled on a GPU) and to PyTorch: a batched prefill, a second chunk of prompt at start_pos > 0, then
+single-token decode steps."""
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import pytest
 import torch
 import torch.distributed as dist
+from kernel_device import DEVICE
 
 from llama.model import ModelArgs, Transformer
 
@@ -31,7 +33,7 @@ def random_model(dtype: torch.dtype) -> Transformer:
                 param.copy_(1 + 0.1 * torch.randn(param.shape, generator=g))
             else:  # large enough that attention is far from uniform, so a wrong mask or head shows
                 param.copy_(torch.randn(param.shape, generator=g) * ARGS["dim"] ** -0.5 * 2)
-    return model.to(dtype)
+    return model.to(DEVICE, dtype)
 
 
 def run(model: Transformer, backend: str, monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
@@ -39,7 +41,7 @@ def run(model: Transformer, backend: str, monkeypatch: pytest.MonkeyPatch) -> li
     for layer in model.layers:  # a fresh cache for each backend
         layer.attention.cache_k.zero_()
         layer.attention.cache_v.zero_()
-    tokens = torch.randint(0, ARGS["vocab_size"], (3, 24), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, ARGS["vocab_size"], (3, 24), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     logits = [model(tokens[:, :13], 0), model(tokens[:, 13:20], 13)]  # a prompt, then more of it
     for pos in range(20, 24):  # decode, one token per sequence
         logits.append(model(tokens[:, pos : pos + 1], pos))
