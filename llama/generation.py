@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
+from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
 from llama.quantize import quantize_int8
 from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, has_special_tags
@@ -105,6 +106,7 @@ class Llama:
         device: Optional[Union[str, torch.device]] = None,
         dtype: Optional[Union[str, torch.dtype]] = None,
         quantize: Optional[str] = None,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint folder and its tokenizer: Meta's (params.json + consolidated.NN.pth, also
         under original/) or a Hugging Face one (config.json + safetensors). tokenizer_path None: the
@@ -112,10 +114,14 @@ class Llama:
 
         device: default CUDA when present, else CPU (or LLAMA_DEVICE); dtype: default bfloat16 where
         supported (or LLAMA_DTYPE). quantize="int8": int8 weight-only linear layers (llama/quantize.py).
+        compile=True: faster decoding (llama/fast.py), the one-token step recorded as CUDA graphs on a GPU,
+        torch.compile'd on a CPU (its first steps then take a minute or so to compile).
         Under torchrun every process loads its model-parallel share.
         """
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize={quantize!r} is not supported: use None or 'int8'")
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile must be True or False, got {compile!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -148,6 +154,8 @@ class Llama:
         model = build_transformer(ckpt_dir, args, device, dtype, rank, world)
         if quantize == "int8":
             model = quantize_int8(model)
+        if compile:
+            model = cuda_graph_decode(model) if device.type == "cuda" else compile_decode(model)
         return Llama(model, tokenizer, seed=seed)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):

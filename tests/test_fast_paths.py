@@ -9,7 +9,7 @@ import torch
 
 import llama.model
 from kernels import fallback
-from llama.fast import compile_decode
+from llama.fast import compile_decode, decode_step
 from llama.model import ModelArgs, Transformer
 from llama.quantize import quantize_int8
 from llama.tiny import random_state_dict
@@ -144,3 +144,34 @@ def test_compiled_int8_decode_agrees_with_eager_int8():
     clear = (top2[..., 0] - top2[..., 1]) > 0.1 * scale
     assert clear.float().mean() > 0.5
     assert torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
+
+
+def test_decode_step_at_a_position_held_in_a_tensor_gives_the_plain_logits():
+    # llama.fast.decode_step, which CUDA graphs record, reads the position from a tensor and attends over the
+    # whole cache with the positions past it masked; here on the CPU, through the PyTorch fallback.
+    model = build(torch.float32, std=0.5)
+    prompt = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(4))
+    plain_tokens, plain_logits = greedy(model, prompt, 12)
+    logits = [model(prompt, 0, last_only=True)]  # the prompt as generation feeds it, then the tensor path
+    tokens = [logits[-1][:, -1].argmax(-1, keepdim=True)]
+    for pos in range(10, 21):
+        with torch.inference_mode():
+            logits.append(decode_step(model, tokens[-1], torch.tensor([pos])))
+        tokens.append(logits[-1][:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(torch.cat(tokens, dim=1), plain_tokens)
+    torch.testing.assert_close(torch.cat(logits, dim=1), plain_logits, rtol=0, atol=1e-4)
+
+
+def test_llama_build_with_compile_on_the_cpu_generates_the_plain_tokens(tmp_path):
+    from generation_helpers import write_tiny
+
+    from llama import Llama
+
+    path = write_tiny(tmp_path / "tiny")
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
+    plain = Llama.build(str(path), None, 64, 2, device="cpu", dtype="float32")
+    fast = Llama.build(str(path), None, 64, 2, device="cpu", dtype="float32", compile=True)
+    assert "forward" in vars(fast.model) and "forward" not in vars(plain.model)  # llama.fast.compile_decode's
+    assert fast.generate(prompts, 20, temperature=0.0) == plain.generate(prompts, 20, temperature=0.0)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        Llama.build(str(path), None, 64, 2, device="cpu", compile="yes")
