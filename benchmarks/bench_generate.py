@@ -7,7 +7,8 @@ against the memory-bandwidth roofline, in one table.
 Measures, for each system and batch size: time to first token and prefill tokens/s for a prompt of
 --prompt_len tokens, decode tokens/s over --new_tokens tokens (greedy), and peak memory. Systems: "ours"
 (Transformer.forward with the KV cache, one token at a time with last_only, argmax, as Llama.generate
-does), "compiled" (llama.fast.compile_decode), "int8" (llama.quantize), "int8+compiled", "hf"
+does), "compiled" (llama.fast.compile_decode), "graphs" (CUDA graphs, llama.fast.cuda_graph_decode; GPU
+only), "int8" (llama.quantize), "int8+compiled", "int8+graphs", "hf"
 (transformers' LlamaForCausalLM holding the same weights, through its own generate, greedy,
 min_new_tokens = max_new_tokens), and "generate" (Llama.generate, timed against ours' bare loop). Also
 measures the memory bandwidth this machine reaches reading a large weight matrix, which bounds decoding:
@@ -374,7 +375,8 @@ def main() -> None:
     p.add_argument(
         "--systems",
         default="ours,compiled,int8,int8+compiled,hf,generate",
-        help="any of ours,compiled,int8,int8+compiled,hf,generate (Llama.generate against the bare loop)",
+        help="any of ours,compiled,graphs,int8,int8+compiled,int8+graphs,hf,generate (Llama.generate against "
+        "the bare loop); graphs (CUDA graphs, llama.fast.cuda_graph_decode) only on a GPU",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system and batch size (medians)")
     p.add_argument("--device", default="auto")
@@ -401,13 +403,12 @@ def main() -> None:
     init_distributed(1, device)
     load0 = os.getloadavg()
     t = time.perf_counter()
-    state = random_state_dict(args, seed=opts.seed, std=0.02, dtype=dtype, tied=opts.model in TIED)
+    state = random_state_dict(args, seed=opts.seed, std=0.02, dtype=dtype, tied=opts.model in TIED, device=device)
     print(f"# random {opts.model} weights ({args.n_layers} layers, {dtype}) in {time.perf_counter() - t:.0f} s")
 
     built: dict[str, object] = {}
     step_fns: dict[str, Callable] = {}
     compile_s: dict[str, float] = {}
-    state = {k: v.to(device) for k, v in state.items()}  # one copy on the device, shared by every system
     ours = build_ours(args, state, device, dtype)
     if "ours" in systems or "generate" in systems:
         built["ours"] = ours
@@ -427,6 +428,14 @@ def main() -> None:
 
         built["int8+compiled"] = compile_decode(quantize_int8(build_ours(args, state, device, dtype)))
         step_fns["int8+compiled"] = ours_step_fn(built["int8+compiled"])
+    for name in ("graphs", "int8+graphs"):
+        if name in systems and device.type == "cuda":
+            from llama.fast import cuda_graph_decode
+            from llama.quantize import quantize_int8
+
+            model = build_ours(args, state, device, dtype)
+            built[name] = cuda_graph_decode(quantize_int8(model) if "int8" in name else model)
+            step_fns[name] = ours_step_fn(built[name])
     if "hf" in systems:
         built["hf"] = build_hf(args, state, device, dtype)
     llama = make_llama(ours) if "generate" in systems else None
@@ -435,7 +444,7 @@ def main() -> None:
     timings: dict[tuple[str, int], Timing] = {}
     gen_times: dict[int, list] = {}
     prompts = {b: torch.randint(0, args.vocab_size, (b, opts.prompt_len), device=device) for b in batches}
-    names = [s for s in ("ours", "compiled", "int8", "int8+compiled", "hf") if s in built]
+    names = [s for s in ("ours", "compiled", "graphs", "int8", "int8+compiled", "int8+graphs", "hf") if s in built]
 
     def run(name: str, b: int, new_tokens: int) -> tuple[float, float]:
         if name == "hf":
@@ -443,11 +452,16 @@ def main() -> None:
         return run_ours(step_fns[name], prompts[b], new_tokens, device)
 
     # Warm up (and compile) on every shape, then interleave the systems so that noise hits them alike.
-    for name in names:
+    for name in list(names):
         t = time.perf_counter()
-        for b in batches:
-            run(name, b, 3)
-        if "compiled" in name:
+        try:
+            for b in batches:
+                run(name, b, 3)
+        except Exception as e:  # one system failing (a compiler error, say) leaves the others' figures
+            print(f"# {name} failed and is left out: {type(e).__name__}: {str(e).strip()[:500]}", flush=True)
+            names.remove(name)
+            continue
+        if "compiled" in name or "graphs" in name:
             compile_s[name] = time.perf_counter() - t
         print(f"  {name}: warmed up in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     for r in range(opts.repeats):

@@ -30,18 +30,23 @@ TINY_PARAMS = {
 
 
 def random_state_dict(
-    args: ModelArgs, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.bfloat16, tied: bool = False
+    args: ModelArgs,
+    seed: int = 0,
+    std: float = 0.02,
+    dtype: torch.dtype = torch.bfloat16,
+    tied: bool = False,
+    device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Unsharded weights under Meta's key names; norms near 1, everything else normal(0, std)."""
-    g = torch.Generator().manual_seed(seed)
+    """Unsharded weights under Meta's key names; norms near 1, everything else normal(0, std), drawn on device."""
+    g = torch.Generator(device).manual_seed(seed)
     head_dim = args.dim // args.n_heads
     hidden = swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
 
     def normal(*shape: int, scale: float = std) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
     def norm() -> torch.Tensor:
-        return (1 + 0.1 * torch.randn(args.dim, generator=g)).to(dtype)
+        return (1 + 0.1 * torch.randn(args.dim, generator=g, device=device)).to(dtype)
 
     state = {"tok_embeddings.weight": normal(args.vocab_size, args.dim, scale=1.0)}
     for i in range(args.n_layers):
