@@ -73,3 +73,21 @@ def plain_greedy(model: Transformer, prompt: list[int], max_gen_len: int, stop_t
             break
         tokens.append(next_token)
     return tokens[len(prompt) :]
+
+
+def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, logits of each step), decoded one token at a time through the KV cache as generation does."""
+    logits = [model(prompt, 0, last_only=True)]
+    tokens = [logits[-1][:, -1].argmax(-1, keepdim=True)]
+    for pos in range(prompt.shape[1], prompt.shape[1] + new_tokens - 1):
+        logits.append(model(tokens[-1], pos, last_only=True))
+        tokens.append(logits[-1][:, -1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1), torch.cat(logits, dim=1)
+
+
+def teacher_forced(model: Transformer, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits of each position after the prompt, the sequence fed one token at a time as generation does."""
+    logits = [model(sequence[:, :prompt_len], 0, last_only=True)]
+    for pos in range(prompt_len, sequence.shape[1] - 1):
+        logits.append(model(sequence[:, pos : pos + 1], pos, last_only=True))
+    return torch.cat(logits, dim=1)

@@ -4,7 +4,7 @@ greedy tokens, and the fast paths (int8, torch.compile) agree with the plain pat
 
 import pytest
 import torch
-from generation_helpers import write_tiny
+from generation_helpers import greedy, teacher_forced, write_tiny
 from hf_reference import hf_model
 
 import kernels
@@ -76,13 +76,6 @@ def test_llama_build_on_the_gpu_generates_the_greedy_tokens_of_the_cpu(tmp_path)
     assert [len(t) for t in tokens] == [len(p) for p in logprobs]
 
 
-def teacher_forced(model, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    logits = [model(sequence[:, :prompt_len], 0, last_only=True)]
-    for pos in range(prompt_len, sequence.shape[1] - 1):
-        logits.append(model(sequence[:, pos : pos + 1], pos, last_only=True))
-    return torch.cat(logits, dim=1)
-
-
 @pytest.mark.parametrize("quantize", [False, True], ids=["plain", "int8"])
 def test_compiled_decode_on_the_gpu_gives_the_eager_logits(tmp_path, quantize):
     args, _ = checkpoint(tmp_path)
@@ -105,15 +98,6 @@ def test_int8_on_the_gpu_gives_the_int8_logits_of_the_cpu(tmp_path):
     cpu = quantize_int8(build_transformer(tmp_path, args, torch.device("cpu"), torch.float32))(tokens, 0)
     gpu = quantize_int8(build_transformer(tmp_path, args, CUDA, torch.float32))(tokens.to(CUDA), 0)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=0)
-
-
-def greedy(model, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = [model(prompt, 0, last_only=True)]
-    tokens = [logits[-1][:, -1].argmax(-1, keepdim=True)]
-    for pos in range(prompt.shape[1], prompt.shape[1] + new_tokens - 1):
-        logits.append(model(tokens[-1], pos, last_only=True))
-        tokens.append(logits[-1][:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, dim=1), torch.cat(logits, dim=1)
 
 
 def test_cuda_graphs_give_the_eager_greedy_tokens(tmp_path):

@@ -1,14 +1,17 @@
 """The fast paths give the plain path's greedy tokens: ATen's GEMV for one-token decoding (instead of
 oneDNN), the float32 decode attention over the heads-first KV cache (read in place, never repeated per
-head), and torch.compile of the decode step (llama/fast.py), plain and int8."""
+head), and torch.compile of the decode step (llama/fast.py), plain and int8, and the step that CUDA graphs
+record (the position in a tensor), here on the CPU."""
 
 from contextlib import nullcontext
 
 import pytest
 import torch
+from generation_helpers import greedy, teacher_forced, write_tiny
 
 import llama.model
 from kernels import fallback
+from llama import Llama
 from llama.fast import compile_decode, decode_step
 from llama.model import ModelArgs, Transformer
 from llama.quantize import quantize_int8
@@ -44,16 +47,6 @@ def build(dtype: torch.dtype, std: float = 0.02, seed: int = 0, max_batch_size: 
     model.load_state_dict(state, strict=True, assign=True)
     model.setup_caches(torch.device("cpu"), dtype)
     return model.eval()
-
-
-def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, logits of each step), decoded one token at a time through the KV cache as generation does."""
-    logits = [model(prompt, 0, last_only=True)]
-    tokens = [logits[-1][:, -1].argmax(-1, keepdim=True)]
-    for pos in range(prompt.shape[1], prompt.shape[1] + new_tokens - 1):
-        logits.append(model(tokens[-1], pos, last_only=True))
-        tokens.append(logits[-1][:, -1].argmax(-1, keepdim=True))
-    return torch.cat(tokens, dim=1), torch.cat(logits, dim=1)
 
 
 def test_aten_gemv_for_one_token_gives_the_greedy_tokens_of_onednn(monkeypatch):
@@ -96,14 +89,6 @@ def test_decode_attention_reads_the_kv_cache_in_place_at_any_batch_size():
     values = v.repeat_interleave(group, dim=2).transpose(1, 2)
     probs = torch.softmax(q.transpose(1, 2) @ keys.transpose(2, 3) / hd**0.5, dim=-1)
     torch.testing.assert_close(out, (probs @ values).transpose(1, 2), rtol=1e-5, atol=1e-5)
-
-
-def teacher_forced(model: Transformer, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Logits of each position after the prompt, the sequence fed one token at a time as generation does."""
-    logits = [model(sequence[:, :prompt_len], 0, last_only=True)]
-    for pos in range(prompt_len, sequence.shape[1] - 1):
-        logits.append(model(sequence[:, pos : pos + 1], pos, last_only=True))
-    return torch.cat(logits, dim=1)
 
 
 def test_compiled_decode_gives_the_plain_greedy_tokens_in_float32():
@@ -163,10 +148,6 @@ def test_decode_step_at_a_position_held_in_a_tensor_gives_the_plain_logits():
 
 
 def test_llama_build_with_compile_on_the_cpu_generates_the_plain_tokens(tmp_path):
-    from generation_helpers import write_tiny
-
-    from llama import Llama
-
     path = write_tiny(tmp_path / "tiny")
     prompts = [[1, 2, 3, 4, 5], [9, 8, 7]]
     plain = Llama.build(str(path), None, 64, 2, device="cpu", dtype="float32")
