@@ -23,12 +23,14 @@ def main(
     max_seq_len: int = 512,
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,  # None: up to the end of the context
+    compile: bool = False,  # faster decoding: CUDA graphs on a GPU, torch.compile on a CPU
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        compile=compile,
     )
 
     dialogs: list[Dialog] = [

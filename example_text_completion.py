@@ -23,12 +23,14 @@ def main(
     max_seq_len: int = 128,
     max_gen_len: int = 64,
     max_batch_size: int = 4,
+    compile: bool = False,  # faster decoding: CUDA graphs on a GPU, torch.compile on a CPU
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        compile=compile,
     )
 
     # Base models continue text, so each prompt is written to be continued.

@@ -53,6 +53,12 @@ def test_text_example_with_plain_python_and_no_tokenizer_path(tiny):
     assert out.count("==================================") == 4
 
 
+def test_text_example_with_compile_prints_the_plain_greedy_text(tiny, monkeypatch):
+    monkeypatch.setenv("LLAMA_DTYPE", "float32")  # bfloat16 rounds differently once inductor fuses the ops
+    args = ["example_text_completion.py", "--ckpt_dir", str(tiny), "--max_gen_len", "8", "--temperature", "0"]
+    assert run(args + ["--compile"]) == run(args)  # torch.compile of the decode step, on the CPU here
+
+
 @pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
 def test_examples_under_torchrun(tiny, script):
     out = run(
