@@ -17,6 +17,7 @@ import pytest
 import torch
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
+import llama.quantize
 from llama.model import ModelArgs, Transformer
 from llama.quantize import Int8Linear, quantize_int8, quantize_rows
 from llama.tiny import random_state_dict
@@ -194,3 +195,19 @@ def _rank_main(ckpt_dir: str, tokens_path: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompts_dequantize_block_by_block_into_one_buffer(monkeypatch, dtype):
+    # A weight of 10 blocks of rows (the last one short), converted into the shared buffer in turn, gives
+    # the product with the whole weight converted at once, and reuses the buffer rather than allocating.
+    monkeypatch.setattr(llama.quantize, "_SCRATCH_ELEMENTS", 64 * 96)
+    monkeypatch.setattr(llama.quantize, "_SCRATCH", {})
+    weight = torch.randint(-127, 128, (611, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(6)).to(dtype)
+    got = llama.quantize.dequantize_in_blocks_matmul(x, weight)
+    buffer = llama.quantize._SCRATCH[dtype]
+    assert got.shape == (3, 7, 611)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight.to(dtype)), rtol=1e-6, atol=1e-5)
+    llama.quantize.dequantize_in_blocks_matmul(x, weight)
+    assert llama.quantize._SCRATCH[dtype] is buffer and buffer.numel() == 64 * 96
