@@ -220,7 +220,8 @@ def _decode_split_kernel(
         qk = tl.where((kv_pos < hi)[None, :], qk, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, qk, v, WIDEN)
 
-    # The chunk's normalised output and its log2-sum-exp2, which the reduction needs to weigh chunks.
+    # The chunk's normalised output and its log2-sum-exp2, which the reduction needs to weigh chunks. A chunk
+    # with keys has a sum >= 1 (its largest term is exp2(0)); an empty one has 0 and stores 0 / 1.
     p_ptrs = PartOut + b * stride_pb + heads[:, None] * stride_ph + split * stride_ps + offs_d[None, :]
     tl.store(p_ptrs, acc / tl.maximum(l_i, 1.0)[:, None], mask=mask_h[:, None] & mask_d[None, :])
     tl.store(PartLse + b * stride_lb + heads * stride_lh + split, m_i + tl.math.log2(l_i), mask=mask_h)
