@@ -11,8 +11,9 @@ for step in ${*:-tests generate int8 kernels}; do
   case $step in
     tests) timeout 270 python3 -m pytest tests/test_cuda.py tests/kernels -q -rfE -p no:cacheprovider \
              2>&1 | tee "$logs/tests.log" | tail -25 ;;
+    # (torch.compile of the 8B step took 175 s on an H100; CUDA graphs are the GPU's fast path)
     generate) timeout 200 python3 benchmarks/bench_generate.py --model llama3-8b --batch_sizes 1,4 \
-                --systems ours,compiled,graphs,hf,generate 2>&1 | tee "$logs/bench_generate.txt" ;;
+                --systems ours,graphs,hf,generate 2>&1 | tee "$logs/bench_generate.txt" ;;
     int8) timeout 150 python3 benchmarks/bench_generate.py --model llama3-8b --batch_sizes 1 \
             --systems ours,int8,int8+graphs,int8+compiled 2>&1 | tee "$logs/bench_generate_int8.txt" ;;
     kernels) timeout 240 python3 benchmarks/bench_kernels.py 2>&1 | tee "$logs/bench_kernels.md" ;;
