@@ -62,14 +62,14 @@ def dequantize_in_blocks_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.
     """x @ weight^T on the CPU for an int8 weight, converted to x's dtype a block of rows at a time into one
     buffer that every layer reuses: a fresh tensor the size of the weight costs ten times more in page
     faults than the conversion itself (prompts ran at half the bfloat16 speed that way)."""
-    if _SCRATCH.get(x.dtype) is None:
-        _SCRATCH[x.dtype] = torch.empty(_SCRATCH_ELEMENTS, dtype=x.dtype)
+    scratch = _SCRATCH.get(x.dtype)
+    if scratch is None:
+        scratch = _SCRATCH[x.dtype] = torch.empty(_SCRATCH_ELEMENTS, dtype=x.dtype)
     rows = max(1, _SCRATCH_ELEMENTS // weight.shape[1])
     parts = []
     for start in range(0, weight.shape[0], rows):
         block = weight[start : start + rows]
-        dense = _SCRATCH[x.dtype][: block.numel()].view(block.shape)
-        parts.append(F.linear(x, dense.copy_(block)))
+        parts.append(F.linear(x, scratch[: block.numel()].view(block.shape).copy_(block)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 

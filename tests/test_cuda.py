@@ -1,6 +1,6 @@
 """On a CUDA GPU (skipped without one): the model with its Triton kernels compiled for the GPU gives
 transformers' logits on the same weights, Llama.build puts everything on the GPU and generates the CPU's
-greedy tokens, and the fast paths (int8, torch.compile) agree with the plain path there."""
+greedy tokens, and the fast paths (int8, torch.compile, CUDA graphs) agree with the plain path there."""
 
 import pytest
 import torch
