@@ -2,8 +2,6 @@
 torch.compile of the step (compile_decode), and on a GPU, CUDA graphs of it (cuda_graph_decode). Prompts keep
 the eager path. Same tokens as the plain model (tests/test_fast_paths.py, tests/test_cuda.py)."""
 
-from typing import Optional
-
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
@@ -45,18 +43,22 @@ def without_fairscale(model: nn.Module) -> nn.Module:
     return model
 
 
-def compile_decode(model: Transformer, mode: Optional[str] = None) -> Transformer:
+def compile_decode(model: Transformer) -> Transformer:
     """Route model(tokens, start_pos) calls with one token per sequence through torch.compile, in place.
 
     The first decode steps compile (about a minute for a 1B model on a small CPU); positions are marked
-    dynamic, so one compiled graph serves every position. mode: torch.compile's mode (None: default).
-    Returns the model.
+    dynamic, so one compiled graph serves every position. Returns the model.
     """
     without_fairscale(model)
     eager = model.forward
+    # On a CPU, store every intermediate instead of recomputing it inside each consumer: otherwise the
+    # compiler folds RMSNorm into the int8 layers' dot products, redoing it for every weight row (1.5x
+    # slower int8 decoding; benchmarks/bench_generate.py). At one token the intermediates are a few KB.
+    cpu = next(model.parameters()).device.type == "cpu"
+    options = {"realize_opcount_threshold": 0, "realize_reads_threshold": 0} if cpu else None
     # Compile the forward without its inference_mode decorator, and enter inference mode outside the
     # compiled region: entering it inside breaks dynamic-shape tracing of the cache slices.
-    compiled = torch.compile(eager.__wrapped__.__get__(model), mode=mode, dynamic=True)
+    compiled = torch.compile(eager.__wrapped__.__get__(model), dynamic=True, options=options)
 
     def forward(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         if tokens.shape[1] != 1:
