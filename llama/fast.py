@@ -52,8 +52,8 @@ def compile_decode(model: Transformer) -> Transformer:
     without_fairscale(model)
     eager = model.forward
     # On a CPU, store every intermediate instead of recomputing it inside each consumer: otherwise the
-    # compiler folds RMSNorm into the int8 layers' dot products, redoing it for every weight row (1.5x
-    # slower int8 decoding; benchmarks/bench_generate.py). At one token the intermediates are a few KB.
+    # compiler folds RMSNorm into the int8 layers' dot products, redoing it for every weight row (int8
+    # decoding of the Llama 3.2 1B shape: 13.6 tok/s, against 20.5 without). At one token they are a few KB.
     cpu = next(model.parameters()).device.type == "cpu"
     options = {"realize_opcount_threshold": 0, "realize_reads_threshold": 0} if cpu else None
     # Compile the forward without its inference_mode decorator, and enter inference mode outside the
