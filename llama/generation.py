@@ -13,11 +13,12 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
+from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
 from llama.quantize import quantize_int8
-from llama.tokenizer import ChatFormat, Dialog, Message, Tokenizer, has_special_tags
+from llama.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
