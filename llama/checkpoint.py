@@ -5,17 +5,15 @@ each rank reading only its own share of the weights and holding no second copy o
 import json
 import pickle
 import re
+import typing
 import warnings
-from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Iterator, Optional, Union
-from unittest import mock
+from typing import Optional, Union
 
-import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 
-from llama.model import ModelArgs, Transformer, swiglu_hidden_dim
+from llama.model import ModelArgs, MoEArgs, Transformer, swiglu_hidden_dim
 
 # How Meta splits each weight across model-parallel ranks (keyed by the module name before ".weight").
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split along dim 0 (output features)
@@ -104,25 +102,57 @@ def read_params(ckpt_dir: PathLike) -> dict:
     return _read_json(folder / "params.json")
 
 
+def _has_type(value, hint) -> bool:
+    if typing.get_origin(hint) is Union:  # Optional[X]
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is MoEArgs:
+        if not isinstance(value, dict):
+            return False
+        hints = typing.get_type_hints(MoEArgs)
+        return set(value) <= set(hints) and all(_has_type(v, hints[k]) for k, v in value.items())
+    return isinstance(value, hint)
+
+
+def rope_scaling(params: dict) -> dict:
+    """RoPE scaling settings a scaled model's params.json leaves out: Meta's code uses factor 8 (Llama 3.1)
+    for every Llama 3 model, but Llama 3.2 1B and 3B were trained with 32 (Meta confirmed it; their Hugging
+    Face configs say 32); Llama 4 (Scout) uses 16, with no smoothing band (high_freq_factor 1)."""
+    if not params.get("use_scaled_rope"):
+        return {}
+    if params.get("moe_args") is not None:  # Llama 4, as Meta's llama4 ModelArgs fills them in
+        defaults = {"rope_scaling_factor": 16.0, "rope_high_freq_factor": 1.0}
+    elif (params.get("dim"), params.get("n_layers")) in ((2048, 16), (3072, 28)):
+        defaults = {"rope_scaling_factor": 32.0}
+    else:
+        defaults = {}
+    return {k: v for k, v in defaults.items() if params.get(k) is None}
+
+
 def model_args(params: dict, source: str = "params.json", **overrides) -> ModelArgs:
     """ModelArgs from params.json's dict, with its types checked; unknown keys are dropped with a warning."""
-    known = {f.name: f for f in fields(ModelArgs)}
-    unknown = sorted(set(params) - set(known))
+    known = typing.get_type_hints(ModelArgs)
+    if params.get("vision_args") is not None:
+        warnings.warn(f"{source}: this library runs the text model; the vision tower is skipped", stacklevel=2)
+    unknown = sorted(set(params) - set(known) - {"vision_args"})
     if unknown:
         warnings.warn(f"{source}: ignoring keys this model does not use: {', '.join(unknown)}", stacklevel=2)
-    kwargs = {k: v for k, v in params.items() if k in known}
+    # null in params.json means the default (Llama 4's rope_scaling_factor, for one)
+    kwargs = {k: v for k, v in params.items() if k in known and v is not None}
+    kwargs.update(rope_scaling(params))
     kwargs.update(overrides)
     for key, value in kwargs.items():
-        expected = known[key].type
-        if value is None and "Optional" in str(expected):
-            continue
-        if "bool" in str(expected):
-            ok = isinstance(value, bool)
-        elif "int" in str(expected):
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:  # float
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok:
+        if not _has_type(value, known[key]):
+            expected = "an object with keys among " + ", ".join(f.name for f in fields(MoEArgs))
+            if known[key] is not MoEArgs:
+                expected = " or ".join(
+                    getattr(h, "__name__", str(h)) for h in typing.get_args(known[key]) or [known[key]]
+                )
             raise ValueError(f"{source}: '{key}' must be {expected}, got {value!r}")
     try:
         return ModelArgs(**kwargs)
@@ -509,19 +539,13 @@ def load_state_dict(ckpt_dir: PathLike, args: ModelArgs, rank: int = 0, world: i
     return state
 
 
-@contextmanager
-def _no_fairscale_init() -> Iterator[None]:
-    # fairscale builds a full-size master weight per layer to initialise shards; ours come from the checkpoint.
-    with mock.patch.object(fs_layers, "_initialize_affine_weight", lambda *args, **kwargs: None):
-        yield
-
-
 def build_transformer(
     ckpt_dir: PathLike, args: ModelArgs, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1
 ) -> Transformer:
     """A Transformer holding this rank's weights: built on the meta device, then given the mapped
     tensors themselves (cast or moved one at a time only where dtype or device differ)."""
-    with torch.device("meta"), _no_fairscale_init():
+    # On the meta device nothing is allocated, fairscale's full-size master weights included.
+    with torch.device("meta"):
         model = Transformer(args)
     state = load_state_dict(ckpt_dir, args, rank, world)
     source = "config.json" if _locate(ckpt_dir)[0] == "hf" else "params.json"

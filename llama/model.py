@@ -1,21 +1,27 @@
-"""The Llama architecture (Llama 1, 2, 3, 3.1, 3.2 and 3.3 text models) in one file, read top to bottom.
+"""The Llama architecture (Llama 1, 2, 3, 3.1, 3.2, 3.3 and Llama 4 text models) in one file, read top to bottom.
 
 Names are Meta's (wq, wk, wv, wo, w1, w2, w3, freqs_cis), so the state-dict keys are exactly those of
 consolidated.NN.pth. Linear layers are fairscale's model-parallel ones; with one process they are plain.
+Llama 4 is the Llama 3 block with a few per-layer switches (layers without RoPE, QK norm, chunked local
+attention, attention temperature tuning) and a mixture-of-experts feed-forward (llama/moe.py).
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from torch import nn
 
 import kernels
+from llama.moe import MoE, MoEArgs, moe_hidden_dim
+from llama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+# A position: an int, or (for one token per sequence) a one-element int64 tensor on the model's device, so that
+# a decoding step has the same shapes at every position and can be recorded once as a CUDA graph.
+Position = Union[int, torch.Tensor]
 
 
 @dataclass
@@ -24,13 +30,25 @@ class ModelArgs:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: Optional[int] = None  # None: one KV head per query head (Llama 1/2 multi-head attention)
+    head_dim: Optional[int] = None  # Llama 4's params.json states it; it must be dim // n_heads
     vocab_size: int = -1  # -1 in Llama 2's params.json: take it from the tokenizer
     multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: Optional[float] = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # Llama 2's params.json has none; Llama 3's says 500000
-    use_scaled_rope: bool = False  # Llama 3.1+: slow the low RoPE frequencies down for a 128K context
-    rope_scaling_factor: Optional[float] = None  # None: 32 for the Llama 3.2 1B and 3B shapes, else 8
+    use_scaled_rope: bool = False  # Llama 3.1+: slow the low RoPE frequencies down for a long context
+    rope_scaling_factor: float = 8.0  # Llama 3.1; llama/checkpoint.py picks 32 for Llama 3.2 1B/3B, 16 for Llama 4
+    rope_high_freq_factor: float = 4.0  # Llama 3.1; Llama 4: 1
+
+    # Llama 4 (all off for Llama 1-3)
+    moe_args: Optional[MoEArgs] = None
+    ffn_exp: Optional[float] = None  # the experts' hidden size before Meta's SwiGLU rule, as a multiple of dim
+    nope_layer_interval: Optional[int] = None  # every n-th layer has no RoPE (NoPE) and attends globally
+    use_qk_norm: bool = False  # RMS-normalise q and k (no weight) after RoPE
+    attention_chunk_size: Optional[int] = None  # RoPE layers attend within chunks of this many positions
+    attn_temperature_tuning: bool = False  # NoPE layers scale q up with the position (long contexts)
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -38,14 +56,41 @@ class ModelArgs:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        if isinstance(self.moe_args, dict):
+            self.moe_args = MoEArgs(**self.moe_args)
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
         if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
             raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads of an even size")
+        if self.head_dim not in (None, self.dim // self.n_heads):
+            raise ValueError(
+                f"head_dim {self.head_dim} is not dim / n_heads = {self.dim // self.n_heads}: not supported"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
+        for name in ("nope_layer_interval", "attention_chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ModelArgs.{name} must be a positive integer or None, got {value!r}")
+        if self.moe_args is not None:
+            moe = self.moe_args
+            if moe.num_experts < 1 or not 1 <= moe.top_k <= moe.num_experts or moe.interleave_moe_layer_step < 1:
+                raise ValueError(f"moe_args {moe} needs num_experts >= 1, 1 <= top_k <= num_experts, a step >= 1")
+            if self.ffn_exp is None or self.ffn_dim_multiplier is None:
+                raise ValueError("a mixture-of-experts model (moe_args) needs ffn_exp and ffn_dim_multiplier")
+
+    def is_nope_layer(self, layer_id: int) -> bool:
+        return self.nope_layer_interval is not None and (layer_id + 1) % self.nope_layer_interval == 0
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return self.moe_args is not None and (layer_id + 1) % self.moe_args.interleave_moe_layer_step == 0
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    # x / sqrt(mean(x^2) + eps) in float32, cast back to x's dtype
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -55,7 +100,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x / sqrt(mean(x^2) + eps) in float32, cast back to x's dtype, then times the weight
+        # rms_norm(x), then times the weight (a Triton kernel on CUDA, kernels/)
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
@@ -63,30 +108,25 @@ class RMSNorm(nn.Module):
 # by the angle p * theta^(-2i / head_dim). freqs_cis holds (cos, sin) of every angle, in float32.
 
 
-def rope_scaling_factor(args: ModelArgs) -> float:
-    if args.rope_scaling_factor is not None:
-        return args.rope_scaling_factor
-    # Meta's code uses 8 for every scaled model, but Llama 3.2 1B and 3B were trained with 32.
-    return 32.0 if (args.dim, args.n_layers) in ((2048, 16), (3072, 28)) else 8.0
-
-
-def apply_scaling(freqs: torch.Tensor, scale_factor: float) -> torch.Tensor:
-    # Llama 3.1: wavelengths longer than the original 8K context are stretched by scale_factor, those
-    # shorter than a quarter of it are kept, and the ones in between blend smoothly from one to the other.
-    low_freq_factor, high_freq_factor, old_context_len = 1.0, 4.0, 8192
+def apply_scaling(freqs: torch.Tensor, scale_factor: float, high_freq_factor: float) -> torch.Tensor:
+    # Llama 3.1 and 4: wavelengths longer than the original 8K context are stretched by scale_factor, those
+    # shorter than 8K / high_freq_factor are kept, and the ones in between blend smoothly from one to the other
+    # (Llama 4's high_freq_factor of 1 leaves no band in between).
+    low_freq_factor, old_context_len = 1.0, 8192
     wavelen = 2 * math.pi / freqs
-    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smooth = (old_context_len / wavelen - low_freq_factor) / max(high_freq_factor - low_freq_factor, 1e-9)
     blended = (1 - smooth) * freqs / scale_factor + smooth * freqs
     scaled = torch.where(wavelen > old_context_len / low_freq_factor, freqs / scale_factor, blended)
     return torch.where(wavelen < old_context_len / high_freq_factor, freqs, scaled)
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float, scale_factor: Optional[float] = None) -> torch.Tensor:
+def precompute_freqs_cis(head_dim: int, end: int, theta: float, scaling: Optional[tuple[float, float]] = None):
+    """(end, head_dim / 2, 2): cos and sin of each angle; scaling: (scale_factor, high_freq_factor) or None."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
-    if scale_factor is not None:
-        freqs = apply_scaling(freqs, scale_factor)
+    if scaling is not None:
+        freqs = apply_scaling(freqs, *scaling)
     angles = torch.outer(torch.arange(end, dtype=torch.float32), freqs)  # (end, head_dim / 2)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)  # (end, head_dim / 2, 2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -97,63 +137,85 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
 
 
-@contextmanager
-def onednn_matmuls(enabled: bool) -> Iterator[None]:
-    """Let PyTorch use oneDNN for CPU matmuls (its default), or not, within the block."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-def _keep(w: torch.Tensor) -> torch.Tensor:
-    return w  # init_method for fairscale layers: weights come from a checkpoint, so skip initialising
+def chunk_spans(start_pos: Position, seqlen: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Split the positions start_pos .. start_pos + seqlen - 1 where they cross a multiple of chunk_size:
+    [(a, b), ...] such that positions start_pos + a .. start_pos + b - 1 lie in one chunk."""
+    if seqlen == 1:
+        return [(0, 1)]
+    bounds = [0, *range(chunk_size - start_pos % chunk_size, seqlen, chunk_size), seqlen]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         model_parallel_size = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // model_parallel_size
         self.n_local_kv_heads = args.n_kv_heads // model_parallel_size
         self.head_dim = args.dim // args.n_heads
+        self.norm_eps = args.norm_eps
+        # Llama 4's layers without RoPE (NoPE) attend to every earlier position and tune their temperature; the
+        # RoPE layers may normalise q and k, and attend only within their chunk of attention_chunk_size positions.
+        self.use_rope = not args.is_nope_layer(layer_id)
+        self.use_qk_norm = args.use_qk_norm and self.use_rope
+        self.temperature_tuning = args.attn_temperature_tuning and not self.use_rope
+        self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
+        self.chunk_size = args.attention_chunk_size if self.use_rope else None
 
-        self.wq = ColumnParallelLinear(
-            args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep
-        )
-        self.wk = ColumnParallelLinear(
-            args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep
-        )
-        self.wv = ColumnParallelLinear(
-            args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep
-        )
-        self.wo = RowParallelLinear(
-            args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep
-        )
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, gather_output=False)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim)
 
         # The KV cache: keys and values of every position so far, written in place, never reallocated. Heads
-        # first, so each KV head's positions are one contiguous matrix that attention reads without a copy.
-        cache_shape = (args.max_batch_size, self.n_local_kv_heads, args.max_seq_len, self.head_dim)
+        # first, so each KV head's positions are one contiguous matrix that attention reads without a copy. A
+        # chunked layer keeps only the current chunk (position p in slot p % chunk_size): it never reads more.
+        cache_len = min(args.max_seq_len, self.chunk_size or args.max_seq_len)
+        cache_shape = (args.max_batch_size, self.n_local_kv_heads, cache_len, self.head_dim)
         self.register_buffer("cache_k", torch.zeros(cache_shape), persistent=False)
         self.register_buffer("cache_v", torch.zeros(cache_shape), persistent=False)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: Position, freqs_cis: torch.Tensor) -> torch.Tensor:
         bsz, seqlen, _ = x.shape  # (bs, seqlen, dim)
         xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
+        if self.use_rope:
+            xq, xk = apply_rotary_emb(xq, freqs_cis), apply_rotary_emb(xk, freqs_cis)
+        if self.use_qk_norm:
+            xq, xk = rms_norm(xq, self.norm_eps), rms_norm(xk, self.norm_eps)
+        if self.temperature_tuning:
+            # Sharper attention far into a long context: q times log(floor((pos + 1) / floor_scale) + 1) *
+            # attn_scale + 1, which is 1 for the first floor_scale positions. In float32, cast back to q's dtype.
+            pos = torch.arange(seqlen, device=x.device) + start_pos
+            scale = torch.log(torch.floor((pos + 1.0) / self.floor_scale) + 1.0) * self.attn_scale + 1.0
+            xq = (xq.float() * scale[None, :, None, None]).type_as(xq)
 
-        end = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end] = xk.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end] = xv.transpose(1, 2)
+        if self.chunk_size is None:
+            output = self.attend(xq, xk, xv, start_pos)
+        else:  # each piece of the new positions that lies in one chunk attends within that chunk
+            pieces = chunk_spans(start_pos, seqlen, self.chunk_size)
+            output = torch.cat(
+                [self.attend(xq[:, a:b], xk[:, a:b], xv[:, a:b], (start_pos + a) % self.chunk_size) for a, b in pieces],
+                dim=1,
+            )
+        return self.wo(output.reshape(bsz, seqlen, -1))  # (bs, seqlen, n_local_heads, head_dim) -> (bs, seqlen, dim)
+
+    def attend(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor, slot: Position) -> torch.Tensor:
+        """Write xk, xv into the cache from slot on, then attend causally from xq over the cache up to there."""
+        bsz, seqlen = xq.shape[:2]
+        if isinstance(slot, int):
+            self.cache_k[:bsz, :, slot : slot + seqlen] = xk.transpose(1, 2)
+            self.cache_v[:bsz, :, slot : slot + seqlen] = xv.transpose(1, 2)
+            end = slot + seqlen
+        else:  # a position on the device: read the whole cache, attention masks what lies past the slot
+            self.cache_k[:bsz].index_copy_(2, slot, xk.transpose(1, 2))
+            self.cache_v[:bsz].index_copy_(2, slot, xv.transpose(1, 2))
+            end = self.cache_k.shape[2]
         keys = self.cache_k[:bsz, :, :end].transpose(1, 2)  # (bs, end, n_local_kv_heads, head_dim), a view
         values = self.cache_v[:bsz, :, :end].transpose(1, 2)
         # Grouped-query attention: query head h reads KV head h // (n_heads // n_kv_heads), K/V not repeated.
-        output = kernels.attention(xq, keys, values, start_pos)
-        return self.wo(output.reshape(bsz, seqlen, -1))  # (bs, seqlen, n_local_heads, head_dim) -> (bs, seqlen, dim)
+        return kernels.attention(xq, keys, values, slot)
 
 
 def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -166,12 +228,11 @@ def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Opt
 
 
 class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]):
+    def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        hidden_dim = swiglu_hidden_dim(hidden_dim, multiple_of, ffn_dim_multiplier)
-        self.w1 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
-        self.w2 = RowParallelLinear(hidden_dim, dim, bias=False, input_is_parallel=True, init_method=_keep)
-        self.w3 = ColumnParallelLinear(dim, hidden_dim, bias=False, gather_output=False, init_method=_keep)
+        self.w1 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
+        self.w2 = RowParallelLinear(hidden_dim, dim)
+        self.w3 = ColumnParallelLinear(dim, hidden_dim, gather_output=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -181,12 +242,19 @@ class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, 4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+        self.attention = Attention(args, layer_id)
+        if args.is_moe_layer(layer_id):
+            # Llama 4: routed experts beside a shared expert, a plain SwiGLU feed-forward of the experts' size
+            hidden_dim = moe_hidden_dim(args)
+            self.feed_forward = MoE(args.dim, hidden_dim, args.moe_args, FeedForward(args.dim, hidden_dim))
+        else:
+            self.feed_forward = FeedForward(
+                args.dim, swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+            )
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs_cis: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start_pos: Position, freqs_cis: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -197,10 +265,10 @@ class Transformer(nn.Module):
         if params.vocab_size < 1:
             raise ValueError(f"vocab_size is {params.vocab_size}: set it from the tokenizer (tokenizer.n_words)")
         self.params = params
-        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim, init_method=_keep)
+        self.tok_embeddings = VocabParallelEmbedding(params.vocab_size, params.dim)
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = ColumnParallelLinear(params.dim, params.vocab_size, bias=False, init_method=_keep)
+        self.output = ColumnParallelLinear(params.dim, params.vocab_size)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the RoPE angles. Made on the
         # CPU even when the model is built on the meta device, and moved on the first forward.
         with torch.device("cpu"):
@@ -208,7 +276,7 @@ class Transformer(nn.Module):
                 params.dim // params.n_heads,
                 params.max_seq_len,
                 params.rope_theta,
-                rope_scaling_factor(params) if params.use_scaled_rope else None,
+                (params.rope_scaling_factor, params.rope_high_freq_factor) if params.use_scaled_rope else None,
             )
 
     def setup_caches(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -219,26 +287,29 @@ class Transformer(nn.Module):
             attn.cache_v = torch.zeros_like(attn.cache_v, device=device, dtype=dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: Position, last_only: bool = False) -> torch.Tensor:
         """Logits (float32) for tokens (bs, seqlen) placed at positions start_pos .. start_pos + seqlen - 1.
 
         With last_only, only the last position is projected to the vocabulary: (bs, 1, vocab_size).
+        start_pos may be a one-element int64 tensor on the model's device when seqlen is 1 (CUDA graphs).
         """
         bsz, seqlen = tokens.shape
-        if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
-            raise ValueError(
-                f"{bsz} sequences up to position {start_pos + seqlen} do not fit this model's cache "
-                f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
-            )
+        if isinstance(start_pos, int):
+            if bsz > self.params.max_batch_size or start_pos + seqlen > self.params.max_seq_len:
+                raise ValueError(
+                    f"{bsz} sequences up to position {start_pos + seqlen} do not fit this model's cache "
+                    f"(max_batch_size={self.params.max_batch_size}, max_seq_len={self.params.max_seq_len})"
+                )
+        elif seqlen != 1:
+            raise ValueError(f"a start_pos tensor takes one token per sequence, got {seqlen}")
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         self.freqs_cis = self.freqs_cis.to(h.device)  # no-op once it is there
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-        # One token in all (decoding at batch 1): each weight matrix meets one row of activations. On CPU,
-        # ATen's own bfloat16 matrix-vector product reads the weights up to 2x faster than oneDNN's, which
-        # PyTorch picks otherwise; see benchmarks/bench_generate.py. (CUDA and float32 ignore the switch.)
-        with onednn_matmuls(enabled=bsz * seqlen > 1):
-            for layer in self.layers:
-                h = layer(h, start_pos, freqs_cis)
-            if last_only:
-                h = h[:, -1:]
-            return self.output(self.norm(h)).float()  # (bs, seqlen or 1, vocab_size)
+        if isinstance(start_pos, int):
+            freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+        else:
+            freqs_cis = self.freqs_cis[start_pos]
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (bs, seqlen or 1, vocab_size)

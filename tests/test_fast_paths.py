@@ -1,18 +1,15 @@
-"""The fast paths give the plain path's greedy tokens: ATen's GEMV for one-token decoding (instead of
-oneDNN), the float32 decode attention over the heads-first KV cache (read in place, never repeated per
+"""The fast paths give the plain path's greedy tokens: the float32 decode attention over the heads-first KV cache (read in place, never repeated per
 head), and torch.compile of the decode step (llama/fast.py), plain and int8, and the step that CUDA graphs
 record (the position in a tensor), here on the CPU."""
 
-from contextlib import nullcontext
 
 import pytest
 import torch
 from generation_helpers import greedy, teacher_forced, write_tiny
 
-import llama.model
 from kernels import fallback
 from llama import Llama
-from llama.fast import compile_decode, decode_step
+from llama.fast import compile_decode
 from llama.model import ModelArgs, Transformer
 from llama.quantize import quantize_int8
 from llama.tiny import random_state_dict
@@ -47,29 +44,6 @@ def build(dtype: torch.dtype, std: float = 0.02, seed: int = 0, max_batch_size: 
     model.load_state_dict(state, strict=True, assign=True)
     model.setup_caches(torch.device("cpu"), dtype)
     return model.eval()
-
-
-def test_aten_gemv_for_one_token_gives_the_greedy_tokens_of_onednn(monkeypatch):
-    # bfloat16 on CPU: one token in all switches oneDNN off so that ATen's GEMV runs. std 0.5: peaked
-    # logits, so that the two kernels' rounding cannot flip a near-tie.
-    model = build(torch.bfloat16, std=0.5, max_batch_size=1)
-    prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
-    switched = []
-    real_switch = llama.model.onednn_matmuls
-
-    def recording_switch(enabled: bool):
-        switched.append(enabled)
-        return real_switch(enabled)
-
-    monkeypatch.setattr(llama.model, "onednn_matmuls", recording_switch)
-    fast_tokens, fast_logits = greedy(model, prompt, 24)
-    assert switched == [True] + [False] * 23  # the prompt with oneDNN, each decoded token without
-    assert torch.backends.mkldnn.enabled  # switched back
-
-    monkeypatch.setattr(llama.model, "onednn_matmuls", lambda enabled: nullcontext())
-    plain_tokens, plain_logits = greedy(model, prompt, 24)
-    assert torch.equal(fast_tokens, plain_tokens)
-    torch.testing.assert_close(fast_logits, plain_logits, rtol=0, atol=0.05 * plain_logits.std().item())
 
 
 def test_decode_attention_reads_the_kv_cache_in_place_at_any_batch_size():
@@ -131,9 +105,9 @@ def test_compiled_int8_decode_agrees_with_eager_int8():
     assert torch.equal(fast.argmax(-1)[clear], plain.argmax(-1)[clear])
 
 
-def test_decode_step_at_a_position_held_in_a_tensor_gives_the_plain_logits():
-    # llama.fast.decode_step, which CUDA graphs record, reads the position from a tensor and attends over the
-    # whole cache with the positions past it masked; here on the CPU, through the PyTorch fallback.
+def test_the_model_at_a_position_held_in_a_tensor_gives_the_plain_logits():
+    # The step CUDA graphs record: the model's own forward reads the position from a tensor and attends over
+    # the whole cache with the positions past it masked; here on the CPU, through the PyTorch fallback.
     model = build(torch.float32, std=0.5)
     prompt = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(4))
     plain_tokens, plain_logits = greedy(model, prompt, 12)
@@ -141,7 +115,7 @@ def test_decode_step_at_a_position_held_in_a_tensor_gives_the_plain_logits():
     tokens = [logits[-1][:, -1].argmax(-1, keepdim=True)]
     for pos in range(10, 21):
         with torch.inference_mode():
-            logits.append(decode_step(model, tokens[-1], torch.tensor([pos])))
+            logits.append(model(tokens[-1], torch.tensor([pos])))
         tokens.append(logits[-1][:, -1].argmax(-1, keepdim=True))
     assert torch.equal(torch.cat(tokens, dim=1), plain_tokens)
     torch.testing.assert_close(torch.cat(logits, dim=1), plain_logits, rtol=0, atol=1e-4)

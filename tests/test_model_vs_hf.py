@@ -5,7 +5,7 @@ import torch
 from hf_reference import hf_model
 
 from llama.checkpoint import build_transformer, model_args
-from llama.model import ModelArgs, precompute_freqs_cis, rope_scaling_factor
+from llama.model import precompute_freqs_cis
 from llama.tiny import random_state_dict, write_checkpoint
 
 CONFIGS = {
@@ -95,8 +95,9 @@ def test_llama_32_small_models_use_rope_factor_32_like_hf_configs(size):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    args = ModelArgs(**LLAMA_32_SHAPES[size], vocab_size=128256, rope_theta=500000.0, use_scaled_rope=True)
-    assert rope_scaling_factor(args) == 32.0
+    # The factor is decided where params.json is read (llama.checkpoint.model_args), then explicit in ModelArgs.
+    args = model_args(dict(**LLAMA_32_SHAPES[size], vocab_size=128256, rope_theta=500000.0, use_scaled_rope=True))
+    assert args.rope_scaling_factor == 32.0
     config = LlamaConfig(
         hidden_size=args.dim,
         num_attention_heads=args.n_heads,
@@ -111,11 +112,11 @@ def test_llama_32_small_models_use_rope_factor_32_like_hf_configs(size):
         },
     )
     inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    ours = precompute_freqs_cis(args.dim // args.n_heads, 2, args.rope_theta, rope_scaling_factor(args))
+    ours = precompute_freqs_cis(args.dim // args.n_heads, 2, args.rope_theta, (32.0, 4.0))
     torch.testing.assert_close(torch.atan2(ours[1, :, 1], ours[1, :, 0]), inv_freq.float(), rtol=1e-6, atol=0)
     # An 8B-shaped model keeps Meta's factor 8, and params.json's rope_scaling_factor overrides either.
-    assert rope_scaling_factor(ModelArgs(dim=4096, n_layers=32, use_scaled_rope=True)) == 8.0
-    assert rope_scaling_factor(ModelArgs(**LLAMA_32_SHAPES[size], rope_scaling_factor=8.0)) == 8.0
+    assert model_args(dict(dim=4096, n_layers=32, use_scaled_rope=True)).rope_scaling_factor == 8.0
+    assert model_args(dict(**LLAMA_32_SHAPES[size], use_scaled_rope=True, rope_scaling_factor=8.0)).rope_scaling_factor == 8.0
 
 
 def test_scaled_rope_model_with_factor_32_matches_transformers_and_factor_8_does_not(tmp_path):

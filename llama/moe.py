@@ -1,0 +1,83 @@
+"""Llama 4's mixture-of-experts feed-forward: a router picks top_k experts per token, a sigmoid of its score
+scales the token on its way in, and a shared expert runs on every token. Only the experts a token was routed to
+run on it (Meta's reference runs every expert on every token, scoring the others 0).
+
+Shape suffixes as in Meta's reference: a tokens, D model dim, E experts, F the experts' hidden size (this
+rank's share of it), K experts per token.
+"""
+
+from dataclasses import dataclass
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
+from torch import nn
+
+
+@dataclass
+class MoEArgs:
+    """params.json's "moe_args"."""
+
+    num_experts: int = -1
+    top_k: int = 1  # experts per token (1 in the released models)
+    capacity_factor: float = 1.0
+    auto_scale_F: bool = True  # noqa: N815 (Meta's name): divide the experts' hidden size by capacity_factor + 1
+    interleave_moe_layer_step: int = 1  # every n-th layer is a MoE layer (Scout 1, Maverick 2)
+
+
+def moe_hidden_dim(args) -> int:
+    """The experts' (and the shared expert's) hidden size F: Meta's SwiGLU rule on ffn_exp * dim, shrunk by
+    capacity_factor + 1 with auto_scale_F, rounded up to multiple_of (Scout: 8192)."""
+    hidden_dim = int(2 * int(args.ffn_exp * args.dim) / 3)
+    hidden_dim = int(args.ffn_dim_multiplier * hidden_dim)
+    if args.moe_args.auto_scale_F:
+        hidden_dim = int(hidden_dim / (args.moe_args.capacity_factor + 1))
+    return hidden_dim + -hidden_dim % args.multiple_of
+
+
+class Experts(nn.Module):
+    """E SwiGLU feed-forwards stacked, used as x @ W: w1, w3 (E, D, F), w2 (E, F, D); F split over ranks."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        local_hidden = hidden_dim // fs_init.get_model_parallel_world_size()
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, local_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, local_hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, local_hidden))
+
+    def forward(self, x_aD: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e on tokens x_aD: this rank's partial sum (a, D)."""
+        return (F.silu(x_aD @ self.w1[e]) * (x_aD @ self.w3[e])) @ self.w2[e]
+
+
+class MoE(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, moe_args: MoEArgs, shared_expert: nn.Module):
+        super().__init__()
+        self.top_k = moe_args.top_k
+        self.router_DE = nn.Parameter(torch.empty(dim, moe_args.num_experts))  # replicated on every rank
+        self.experts = Experts(moe_args.num_experts, dim, hidden_dim)
+        self.shared_expert = shared_expert
+
+    def forward(self, x_bsD: torch.Tensor) -> torch.Tensor:
+        bs, slen, D = x_bsD.shape
+        x_aD = x_bsD.reshape(-1, D)
+        scores_aE = x_aD @ self.router_DE
+        top_aK, experts_aK = torch.topk(scores_aE, self.top_k, dim=1)
+        gates_aK = torch.sigmoid(top_aK.float()).type_as(x_aD)  # the other experts' gates are 0: they are skipped
+
+        # Group the (token, expert) pairs by expert; one host sync tells how many tokens each expert has.
+        order = experts_aK.flatten().argsort()
+        counts = torch.bincount(experts_aK.flatten(), minlength=self.router_DE.shape[1]).tolist()
+        routed_aD = torch.zeros_like(x_aD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                pairs = order[start : start + n]
+                tokens = pairs // self.top_k
+                x_in = x_aD[tokens] * gates_aK.flatten()[pairs, None]  # the gate scales the expert's input
+                routed_aD.index_add_(0, tokens, self.experts(x_in, e))
+                start += n
+        if fs_init.get_model_parallel_world_size() > 1:
+            routed_aD = reduce_from_model_parallel_region(routed_aD)  # each rank has a share of F
+        return (self.shared_expert(x_aD) + routed_aD).view(bs, slen, D)
