@@ -1,6 +1,7 @@
 """The whole Transformer gives the same logits with the kernels forced to Triton (in the interpreter, or
-compiled on a GPU) and to PyTorch: a batched prefill, a second chunk of prompt at start_pos > 0, then
-single-token decode steps."""
+compiled on a GPU) and to PyTorch: a batched prefill, a second piece of prompt at start_pos > 0, then
+single-token decode steps; for Llama 3 and for Llama 4 (chunked attention whose pieces cross chunk boundaries,
+a NoPE layer with temperature tuning, QK norm, experts)."""
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import pytest
@@ -13,6 +14,9 @@ from llama.model import ModelArgs, Transformer
 # Llama-like proportions at a size the interpreter gets through: head_dim 64, four query heads per KV head.
 ARGS = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, multiple_of=64, norm_eps=1e-5,
             rope_theta=500000.0, max_batch_size=3, max_seq_len=64)  # fmt: skip
+LLAMA4 = dict(ARGS, ffn_dim_multiplier=1.0, ffn_exp=2.0, moe_args=dict(num_experts=4, top_k=1), nope_layer_interval=2,
+              use_qk_norm=True, attention_chunk_size=8, attn_temperature_tuning=True, floor_scale=4.0)  # fmt: skip
+CONFIGS = {"llama3": ARGS, "llama4": LLAMA4}
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +28,8 @@ def model_parallel_group():
         fs_init.initialize_model_parallel(1)
 
 
-def random_model(dtype: torch.dtype) -> Transformer:
-    model = Transformer(ModelArgs(**ARGS))
+def random_model(dtype: torch.dtype, args: dict = ARGS) -> Transformer:
+    model = Transformer(ModelArgs(**args))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -48,8 +52,9 @@ def run(model: Transformer, backend: str, monkeypatch: pytest.MonkeyPatch) -> li
     return logits
 
 
-def test_float32_logits_are_the_same_with_triton_and_torch_kernels(model_parallel_group, monkeypatch):
-    model = random_model(torch.float32)
+@pytest.mark.parametrize("config", CONFIGS)
+def test_float32_logits_are_the_same_with_triton_and_torch_kernels(model_parallel_group, monkeypatch, config):
+    model = random_model(torch.float32, CONFIGS[config])
     expected = run(model, "torch", monkeypatch)
     got = run(model, "triton", monkeypatch)
     for step, (a, b) in enumerate(zip(got, expected)):
@@ -57,11 +62,12 @@ def test_float32_logits_are_the_same_with_triton_and_torch_kernels(model_paralle
         assert torch.equal(a.argmax(-1), b.argmax(-1)), f"step {step}: greedy tokens differ"
 
 
-def test_bfloat16_logits_are_as_close_to_float32_with_triton_as_with_torch(model_parallel_group, monkeypatch):
+@pytest.mark.parametrize("config", CONFIGS)
+def test_bfloat16_logits_are_as_close_to_float32_with_triton_as_with_torch(model_parallel_group, monkeypatch, config):
     # In bfloat16 the paths round differently (the fallback keeps softmax probabilities in float32, the
     # kernels round them to bfloat16 before they meet V), so each is held against the float32 model.
-    model = random_model(torch.bfloat16)
-    exact_model = random_model(torch.bfloat16).float()
+    model = random_model(torch.bfloat16, CONFIGS[config])
+    exact_model = random_model(torch.bfloat16, CONFIGS[config]).float()
     exact = run(exact_model, "torch", monkeypatch)
     with_torch = run(model, "torch", monkeypatch)
     with_triton = run(model, "triton", monkeypatch)

@@ -1,0 +1,256 @@
+"""Llama 4: the model's float32 logits equal transformers' Llama4ForCausalLM given the same weights, and the
+invariants Meta's reference breaks hold here: chunked attention with the KV cache (decoding and prompts fed in
+pieces equal one full prefill), bfloat16 with attention temperature tuning, sparse experts equal dense routing."""
+
+import pytest
+import torch
+
+from llama.model import ModelArgs, Transformer
+
+VOCAB = 256
+# Scout's layout scaled down: MoE every layer, QK norm, scaled RoPE (factor 16, no smoothing band). A small
+# chunk and floor_scale, so that chunking and temperature tuning act within a few dozen positions.
+SCOUT = dict(
+    dim=64,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=VOCAB,
+    multiple_of=16,
+    ffn_dim_multiplier=1.2,
+    ffn_exp=4.0,
+    norm_eps=1e-5,
+    rope_theta=500000.0,
+    use_scaled_rope=True,
+    rope_scaling_factor=16.0,
+    rope_high_freq_factor=1.0,
+    moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=1),
+    nope_layer_interval=4,
+    use_qk_norm=True,
+    attention_chunk_size=8,
+    attn_temperature_tuning=True,
+    floor_scale=4.0,
+    attn_scale=0.1,
+)
+# Maverick's: dense and MoE layers alternating, no QK norm, plain RoPE.
+MAVERICK = dict(
+    SCOUT,
+    use_scaled_rope=False,
+    use_qk_norm=False,
+    nope_layer_interval=2,
+    moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2),
+)
+CONFIGS = {"scout": SCOUT, "maverick": MAVERICK}
+ATOL = 1e-4
+
+
+def random_weights(args: ModelArgs, seed: int = 0, std: float = 0.15, dtype=torch.float32) -> dict:
+    """Every parameter of the model, random: norms near 1, the router scaled up so that tokens spread over the
+    experts, everything else normal(0, std)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in shapes.items():
+        if key.endswith("norm.weight"):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        elif key.endswith("router_DE"):
+            state[key] = torch.randn(shape, generator=g)
+        elif key == "tok_embeddings.weight":
+            state[key] = torch.randn(shape, generator=g)
+        else:
+            state[key] = std * torch.randn(shape, generator=g)
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+def build(params: dict, state: dict, dtype=torch.float32, max_seq_len: int = 64, max_batch_size: int = 3):
+    args = ModelArgs(**params, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+    model.setup_caches(torch.device("cpu"), dtype)
+    return model.eval()
+
+
+def hf_llama4(args: ModelArgs, state: dict):
+    """transformers' Llama4ForCausalLM with the same weights (its names: no q/k permutation for Llama 4;
+    gate_up_proj is w1 and w3 side by side, router.weight is router_DE transposed)."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    moe_layers = [i for i in range(args.n_layers) if args.is_moe_layer(i)]
+    first = moe_layers[0]
+    dense = next((i for i in range(args.n_layers) if i not in moe_layers), None)
+    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
+    if args.use_scaled_rope:
+        rope = dict(
+            rope_type="llama3",
+            rope_theta=args.rope_theta,
+            factor=args.rope_scaling_factor,
+            low_freq_factor=1.0,
+            high_freq_factor=args.rope_high_freq_factor,
+            original_max_position_embeddings=8192,
+        )
+    config = Llama4TextConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.dim,
+        intermediate_size=state[f"layers.{first}.feed_forward.experts.w1"].shape[-1],
+        intermediate_size_mlp=state[f"layers.{dense}.feed_forward.w1.weight"].shape[0] if dense is not None else 64,
+        num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads,
+        num_key_value_heads=args.n_kv_heads,
+        head_dim=args.dim // args.n_heads,
+        max_position_embeddings=max(args.max_seq_len, 8193),
+        rms_norm_eps=args.norm_eps,
+        num_experts_per_tok=args.moe_args.top_k,
+        num_local_experts=args.moe_args.num_experts,
+        moe_layers=moe_layers,
+        interleave_moe_layer_step=args.moe_args.interleave_moe_layer_step,
+        use_qk_norm=args.use_qk_norm,
+        no_rope_layers=[int(not args.is_nope_layer(i)) for i in range(args.n_layers)],
+        attention_chunk_size=args.attention_chunk_size,
+        attn_temperature_tuning=args.attn_temperature_tuning,
+        floor_scale=int(args.floor_scale),
+        attn_scale=args.attn_scale,
+        rope_parameters=rope,
+        attn_implementation="eager",
+    )
+    hf = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["output.weight"],
+    }
+    for i in range(args.n_layers):
+        m, h = f"layers.{i}.", f"model.layers.{i}."
+        for ours, theirs in zip(("wq", "wk", "wv", "wo"), ("q_proj", "k_proj", "v_proj", "o_proj")):
+            hf[h + f"self_attn.{theirs}.weight"] = state[m + f"attention.{ours}.weight"]
+        hf[h + "input_layernorm.weight"] = state[m + "attention_norm.weight"]
+        hf[h + "post_attention_layernorm.weight"] = state[m + "ffn_norm.weight"]
+        ff = m + "feed_forward."
+        if args.is_moe_layer(i):
+            hf[h + "feed_forward.router.weight"] = state[ff + "router_DE"].T
+            hf[h + "feed_forward.experts.gate_up_proj"] = torch.cat(
+                [state[ff + "experts.w1"], state[ff + "experts.w3"]], dim=-1
+            )
+            hf[h + "feed_forward.experts.down_proj"] = state[ff + "experts.w2"]
+            ff, prefix = ff + "shared_expert.", h + "feed_forward.shared_expert."
+        else:
+            prefix = h + "feed_forward."
+        hf[prefix + "gate_proj.weight"] = state[ff + "w1.weight"]
+        hf[prefix + "up_proj.weight"] = state[ff + "w3.weight"]
+        hf[prefix + "down_proj.weight"] = state[ff + "w2.weight"]
+    model = Llama4ForCausalLM(config).float().eval()
+    missing, unexpected = model.load_state_dict(hf, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request):
+    params = CONFIGS[request.param]
+    state = random_weights(ModelArgs(**params))
+    ours = build(params, state)
+    return params, state, ours, hf_llama4(ours.params, state)
+
+
+def hf_logits(hf, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(tokens, use_cache=False).logits.float()
+
+
+def test_prefill_of_a_batch_across_chunks_matches_transformers(pair):
+    params, state, ours, hf = pair
+    tokens = torch.randint(0, VOCAB, (3, 30), generator=torch.Generator().manual_seed(0))  # ~4 chunks of 8
+    expected = hf_logits(hf, tokens)
+    torch.testing.assert_close(ours(tokens, 0), expected, atol=ATOL, rtol=0)
+    # The check tells chunked from global attention: without chunks, the first chunk agrees and the rest not.
+    unchunked = build(dict(params, attention_chunk_size=None), state)(tokens, 0)
+    torch.testing.assert_close(unchunked[:, :8], expected[:, :8], atol=ATOL, rtol=0)
+    assert (unchunked[:, 8:] - expected[:, 8:]).abs().max() > 100 * ATOL
+
+
+def test_cached_decoding_and_a_prompt_in_pieces_match_one_full_prefill(pair):
+    _, _, ours, hf = pair
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    expected = hf_logits(hf, tokens)
+    # pieces that start and end inside chunks (5..13 crosses 8, 13..30 crosses 16 and 24), then one token at a
+    # time across the chunk boundaries at 32
+    got = [ours(tokens[:, :5], 0), ours(tokens[:, 5:13], 5), ours(tokens[:, 13:30], 13)]
+    got += [ours(tokens[:, p : p + 1], p) for p in range(30, 40)]
+    torch.testing.assert_close(torch.cat(got, dim=1), expected, atol=ATOL, rtol=0)
+
+
+def test_decoding_at_a_position_held_in_a_tensor_matches(pair):
+    # The step CUDA graphs record: the position on the device, the whole (chunk-sized) cache read and masked.
+    _, _, ours, hf = pair
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    expected = hf_logits(hf, tokens)
+    got = [ours(tokens[:, :13], 0)] + [ours(tokens[:, p : p + 1], torch.tensor([p])) for p in range(13, 30)]
+    torch.testing.assert_close(torch.cat(got, dim=1), expected, atol=ATOL, rtol=0)
+
+
+def dense_moe(moe, x_bsD: torch.Tensor) -> torch.Tensor:
+    """Meta's routing, spelled out: every expert on every token, the gates of experts not in the top k 0."""
+    x_aD = x_bsD.reshape(-1, x_bsD.shape[-1])
+    scores = x_aD @ moe.router_DE
+    top = torch.topk(scores, moe.top_k, dim=1)
+    gates = torch.sigmoid(torch.full_like(scores, float("-inf")).scatter(1, top.indices, top.values))
+    w1, w2, w3 = moe.experts.w1, moe.experts.w2, moe.experts.w3
+    x_eaD = x_aD[None] * gates.T[:, :, None]  # each expert's input, scaled by its gate
+    routed = torch.bmm(torch.nn.functional.silu(torch.bmm(x_eaD, w1)) * torch.bmm(x_eaD, w3), w2).sum(0)
+    return (moe.shared_expert(x_aD) + routed).view(x_bsD.shape), top.indices
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_sparse_experts_equal_dense_routing_and_routing_is_not_degenerate(top_k):
+    params = dict(SCOUT, moe_args=dict(num_experts=4, top_k=top_k))
+    model = build(params, random_weights(ModelArgs(**params)))
+    moe = model.layers[0].feed_forward
+    x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        expected, chosen = dense_moe(moe, x)
+        torch.testing.assert_close(moe(x), expected, atol=1e-5, rtol=1e-5)
+    assert len(chosen.unique()) == 4  # the 60 tokens go to every expert, not all to one
+
+
+def test_one_token_reads_only_the_expert_it_is_routed_to():
+    # Every other expert's weights are NaN: any product with them (even scaled by a gate of 0) would show.
+    model = build(SCOUT, random_weights(ModelArgs(**SCOUT)))
+    moe = model.layers[0].feed_forward
+    x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        expected, chosen = dense_moe(moe, x)
+        others = [e for e in range(4) if e != chosen.item()]
+        for w in (moe.experts.w1, moe.experts.w2, moe.experts.w3):
+            w[others] = float("nan")
+        got = moe(x)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_layers_keep_only_their_chunk_in_the_kv_cache():
+    # Scout at 128K context: chunk 8192, every 4th layer global. The cache must take at most 0.3x the memory
+    # of a full cache in every layer.
+    params = dict(SCOUT, attention_chunk_size=8192)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**params, max_seq_len=131072, max_batch_size=1))
+        full = Transformer(ModelArgs(**dict(params, attention_chunk_size=None), max_seq_len=131072, max_batch_size=1))
+
+    def cache_bytes(m):
+        return sum(b.numel() * b.element_size() for n, b in m.named_buffers() if "cache" in n)
+
+    assert cache_bytes(model) <= 0.3 * cache_bytes(full)
+    assert [layer.attention.cache_k.shape[2] for layer in model.layers] == [8192, 8192, 8192, 131072]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_with_temperature_tuning_stays_near_float32(dtype):
+    # Meta's reference multiplies the half-precision queries by a float32 scale and fails on the dtype mismatch.
+    state = random_weights(ModelArgs(**SCOUT), std=0.05)
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    reference = build(SCOUT, state)(tokens, 0)
+    half = build(SCOUT, state, dtype=dtype)
+    got = torch.cat([half(tokens[:, :30], 0)] + [half(tokens[:, p : p + 1], p) for p in range(30, 40)], dim=1)
+    assert got.dtype == torch.float32
+    # the stated bound: within 5% of the logits' spread, and the same argmax for most positions
+    torch.testing.assert_close(got, reference, atol=0.05 * reference.std().item(), rtol=0)
+    assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
