@@ -216,6 +216,9 @@ def test_one_token_reads_only_the_expert_it_is_routed_to():
     # Every other expert's weights are NaN: any product with them (even scaled by a gate of 0) would show.
     model = build(SCOUT, random_weights(ModelArgs(**SCOUT)))
     moe = model.layers[0].feed_forward
+    # each expert's matrices in nn.Linear's layout in memory, behind Meta's shapes
+    assert moe.experts.w1.shape == (4, 64, 112) and moe.experts.w1[2].mT.is_contiguous()
+    assert moe.experts.w2.shape == (4, 112, 64) and moe.experts.w2[2].mT.is_contiguous()
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(4))
     with torch.inference_mode():
         expected, chosen = dense_moe(moe, x)
