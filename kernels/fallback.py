@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # Meta's rounding: normalise in float32, cast back to x's dtype, then scale by the weight.
-    # x / sqrt(mean(x^2) + eps), fused in one kernel (5x faster than spelling it out for a prompt).
+    # x / sqrt(mean(x^2) + eps), fused in one kernel rather than spelled out in several.
     return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).type_as(x) * weight
 
 
@@ -37,7 +37,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int)
     q = q.view(bs, seqlen, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(bs, n_kv_heads, group * seqlen, head_dim)  # row r is query position r % seqlen
     # In float32 (the KV slice converted once): on CPU, bfloat16 batched matmuls of shapes that change every
-    # step cost 10-100x more (oneDNN builds a kernel per shape, ATen's own is slow) than float32 BLAS.
+    # step cost far more than float32 BLAS (oneDNN builds a kernel per shape, ATen's own is slow).
     q, k, v = q.float(), k.float(), v.float()
     scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (bs, n_kv, group*seqlen, kv_len)
     if seqlen > 1:

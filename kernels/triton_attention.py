@@ -340,9 +340,8 @@ def _prefill_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> 
     if dtype == torch.float32:
         # float32 runs on CUDA cores, whose tiles take many registers: these compile without spills (sm_90).
         return (32, 32, 4, 2) if head_dim <= 64 else (32, 16, 8, 2)
-    # Measured on an H100 (benchmarks/bench_kernels.py --sweep): head_dim 64 runs fastest in tiles of 64
-    # queries and 64 keys (+30% over 128 x 64 at 4k tokens); head_dim 128 in 128 x 64 with 8 warps, which
-    # also fits the shared memory of smaller GPUs (128 x 128 was within 7% on the H100).
+    # The fastest tiles of benchmarks/bench_kernels.py --sweep on an H100 (figures in the README); 128 x 64
+    # for head_dim 128 also fits the shared memory of smaller GPUs.
     return (64, 64, 4, 3) if head_dim <= 64 else (128, 64, 8, 3)
 
 
