@@ -61,8 +61,13 @@ def compile_decode(model: Transformer) -> Transformer:
     # compiled region: entering it inside breaks dynamic-shape tracing of the cache slices.
     compiled = torch.compile(eager.__wrapped__.__get__(model), dynamic=True, options=options)
 
+    chunk_size = model.params.attention_chunk_size
+
     def forward(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        if tokens.shape[1] != 1:
+        # The first position of a chunk (Llama 4) attends over one key in its chunked layers; inductor (torch
+        # 2.13) miscompiles a product over a dimension of symbolic size that is 1 at run time, so that step, one
+        # in every chunk, runs eagerly.
+        if tokens.shape[1] != 1 or (chunk_size and start_pos % chunk_size == 0):
             return eager(tokens, start_pos, last_only)
         with torch.inference_mode():
             return compiled(tokens, start_pos, last_only)

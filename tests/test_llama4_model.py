@@ -257,3 +257,17 @@ def test_half_precision_with_temperature_tuning_stays_near_float32(dtype):
     # the stated bound: within 5% of the logits' spread, and the same argmax for most positions
     torch.testing.assert_close(got, reference, atol=0.05 * reference.std().item(), rtol=0)
     assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
+
+
+def test_compiled_decoding_across_chunk_boundaries_gives_the_eager_logits():
+    # torch.compile of the decode step (compile=True on a CPU) through chunk boundaries. float32, where the
+    # paths agree to rounding; in half precision a router near-tie can send a token to another expert.
+    from llama.fast import compile_decode
+
+    state = random_weights(ModelArgs(**SCOUT))
+    eager, compiled = build(SCOUT, state), compile_decode(build(SCOUT, state))
+    tokens = torch.randint(0, VOCAB, (2, 28), generator=torch.Generator().manual_seed(6))
+    for model in (eager, compiled):
+        model(tokens[:, :10], 0)
+    for p in range(10, 28):  # slots 2..7, 0..7, 0..3: every position of a chunk, the first included
+        torch.testing.assert_close(compiled(tokens[:, p : p + 1], p), eager(tokens[:, p : p + 1], p), atol=ATOL, rtol=0)
