@@ -259,15 +259,19 @@ def test_half_precision_with_temperature_tuning_stays_near_float32(dtype):
     assert (got.argmax(-1) == reference.argmax(-1)).float().mean() > 0.9
 
 
-def test_compiled_decoding_across_chunk_boundaries_gives_the_eager_logits():
-    # torch.compile of the decode step (compile=True on a CPU) through chunk boundaries. float32, where the
-    # paths agree to rounding; in half precision a router near-tie can send a token to another expert.
+def test_compiled_decoding_across_chunk_boundaries_agrees_with_eager():
+    # torch.compile of the decode step (compile=True on a CPU) through chunk boundaries, in bfloat16, where
+    # inductor once miscompiled a chunk's first position (llama/fast.py). Dense layers: in half precision a
+    # router near-tie can send a token to another expert, which would say nothing about attention.
     from llama.fast import compile_decode
 
-    state = random_weights(ModelArgs(**SCOUT))
-    eager, compiled = build(SCOUT, state), compile_decode(build(SCOUT, state))
+    params = dict(SCOUT, moe_args=None, ffn_exp=None)
+    state = random_weights(ModelArgs(**params))
+    eager, compiled = build(params, state, torch.bfloat16), compile_decode(build(params, state, torch.bfloat16))
     tokens = torch.randint(0, VOCAB, (2, 28), generator=torch.Generator().manual_seed(6))
     for model in (eager, compiled):
         model(tokens[:, :10], 0)
     for p in range(10, 28):  # slots 2..7, 0..7, 0..3: every position of a chunk, the first included
-        torch.testing.assert_close(compiled(tokens[:, p : p + 1], p), eager(tokens[:, p : p + 1], p), atol=ATOL, rtol=0)
+        expected = eager(tokens[:, p : p + 1], p)
+        got = compiled(tokens[:, p : p + 1], p)
+        torch.testing.assert_close(got, expected, atol=0.1 * expected.std().item(), rtol=0)
