@@ -10,7 +10,7 @@ from llama.tool_utils import (
     ToolPromptFormat,
     check_tool_call,
     check_tool_prompt_format,
-    encode_tool_call,
+    encode_tool_calls,
     parse_tool_calls,
 )
 
@@ -196,8 +196,8 @@ class ChatFormat:
             tokens.append(self.python_id)  # Llama 3 writes code for the interpreter after <|python_tag|>
         content = message["content"].strip() if self.style == "llama3" else message["content"]
         tokens.extend(self.tokenizer.encode(content, bos=False, eos=False))
-        for call in calls:
-            tokens.extend(self.tokenizer.encode(encode_tool_call(call, tool_prompt_format), bos=False, eos=False))
+        for text in encode_tool_calls(calls, tool_prompt_format):
+            tokens.extend(self.tokenizer.encode(text, bos=False, eos=False))
         if role == "assistant":
             # Llama 4 ends every call with <|eom|>; Llama 3 only a reply whose stop reason says so.
             eom = message["stop_reason"] == "end_of_message" or (self.style == "llama4" and bool(calls))

@@ -61,19 +61,32 @@ def check_tool_call(call: Any, name: str) -> ToolCall:
     return {"call_id": call_id, "tool_name": tool_name, "arguments": dict(arguments)}
 
 
-def encode_tool_call(call: ToolCall, tool_prompt_format: ToolPromptFormat) -> str:
-    """The text of a checked call, as llama-models writes it. A built-in tool is written in its own form
-    whatever the format: `brave_search.call(query="...")`, or the bare code for code_interpreter."""
-    name, arguments = call["tool_name"], call["arguments"]
-    if name in QUERY_TOOLS:
-        return f'{name}.call(query="{arguments["query"]}")'
-    if name == "code_interpreter":
-        return arguments["code"]
-    if tool_prompt_format == "json":
-        return _json_dumps({"type": "function", "name": name, "parameters": arguments}, name)
-    if tool_prompt_format == "function_tag":
-        return f"<function={name}>{_json_dumps(arguments, name)}</function>"
-    return f"[{name}({', '.join(f'{k}={_python_value(v, name)}' for k, v in arguments.items())})]"
+def encode_tool_calls(calls: list[ToolCall], tool_prompt_format: ToolPromptFormat) -> list[str]:
+    """The texts of checked calls, each encoded on its own, as llama-models writes them: a built-in tool in
+    its own form whatever the format (`brave_search.call(query="...")`, or the bare code for code_interpreter),
+    a function in the format asked. Consecutive python_list calls share one list, [f(a=1), g(b=2)] (llama-models
+    writes [f(a=1)][g(b=2)], which neither it nor Python reads as calls)."""
+    texts: list[str] = []
+    grouped: list[str] = []  # python_list calls waiting for their list to close
+    for call in calls:
+        name, arguments = call["tool_name"], call["arguments"]
+        if tool_prompt_format == "python_list" and name not in BUILTIN_TOOLS:
+            grouped.append(f"{name}({', '.join(f'{k}={_python_value(v, name)}' for k, v in arguments.items())})")
+            continue
+        if grouped:
+            texts.append(f"[{', '.join(grouped)}]")
+            grouped = []
+        if name in QUERY_TOOLS:
+            texts.append(f'{name}.call(query="{arguments["query"]}")')
+        elif name == "code_interpreter":
+            texts.append(arguments["code"])
+        elif tool_prompt_format == "json":
+            texts.append(_json_dumps({"type": "function", "name": name, "parameters": arguments}, name))
+        else:
+            texts.append(f"<function={name}>{_json_dumps(arguments, name)}</function>")
+    if grouped:
+        texts.append(f"[{', '.join(grouped)}]")
+    return texts
 
 
 def _json_dumps(value: Any, name: str) -> str:
@@ -137,13 +150,14 @@ def parse_tool_calls(text: str, python_tag: bool) -> list[ToolCall]:
 
 
 def _custom_calls(text: str) -> Optional[list[tuple[str, dict]]]:
-    tag = FUNCTION_TAG.search(text)
-    if tag:
-        arguments = _tag_arguments(text, tag.end())
-        return None if arguments is None else [_builtin_as_custom(tag["name"], arguments)]
+    tags = list(FUNCTION_TAG.finditer(text))
+    if tags:  # every <function=...> tag whose arguments parse (llama-models takes the first tag only)
+        calls = [(tag["name"], _tag_arguments(text, tag.end())) for tag in tags]
+        calls = [_builtin_as_custom(name, arguments) for name, arguments in calls if arguments is not None]
+        return calls or None
     stripped = text.strip(" \t\n\r")  # JSON's whitespace
     if stripped.startswith("{"):
-        return _json_call(stripped)
+        return _json_calls(stripped)
     if stripped.startswith("["):
         return _python_list_calls(stripped)
     return None
@@ -173,19 +187,24 @@ def _tag_arguments(text: str, start: int) -> Optional[dict]:
     return None
 
 
-def _json_call(text: str) -> Optional[list[tuple[str, dict]]]:
-    """A reply that is one JSON object with a "name" (and usually "type": "function"): a call; its
-    "parameters", {} when there are none. Anything else is plain text."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not ("name" in value or value.get("type") == "function"):
-        return None
-    name, arguments = value.get("name"), value.get("parameters", {})
-    if not isinstance(name, str) or not name or not isinstance(arguments, dict):
-        return None
-    return [_builtin_as_custom(name, arguments)]
+def _json_calls(text: str) -> Optional[list[tuple[str, dict]]]:
+    """A reply that is JSON objects (one, or several one after another, as several calls are written), each
+    with a "name" (and usually "type": "function"): calls, with their "parameters", {} when there are none.
+    Anything else is plain text."""
+    decoder, calls, end = json.JSONDecoder(), [], 0
+    while end < len(text):
+        try:
+            value, end = decoder.raw_decode(text, end)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or not ("name" in value or value.get("type") == "function"):
+            return None
+        name, arguments = value.get("name"), value.get("parameters", {})
+        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            return None
+        calls.append(_builtin_as_custom(name, arguments))
+        end = len(text) - len(text[end:].lstrip(" \t\n\r"))
+    return calls
 
 
 def _python_list_calls(text: str) -> Optional[list[tuple[str, dict]]]:
