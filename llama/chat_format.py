@@ -196,8 +196,13 @@ class ChatFormat:
             tokens.append(self.python_id)  # Llama 3 writes code for the interpreter after <|python_tag|>
         content = message["content"].strip() if self.style == "llama3" else message["content"]
         tokens.extend(self.tokenizer.encode(content, bos=False, eos=False))
-        for text in encode_tool_calls(calls, tool_prompt_format):
+        for text, code in encode_tool_calls(calls, tool_prompt_format):
+            # Llama 4 code sits between <|python_start|> and <|python_end|>, where llama-models' parser looks for
+            # it (its encoder writes the code bare, which its parser then takes for plain text).
+            llama4_code = code and self.style == "llama4"
+            tokens.extend([self.python_id] if llama4_code else [])
             tokens.extend(self.tokenizer.encode(text, bos=False, eos=False))
+            tokens.extend([self.python_end_id] if llama4_code else [])
         if role == "assistant":
             # Llama 4 ends every call with <|eom|>; Llama 3 only a reply whose stop reason says so.
             eom = message["stop_reason"] == "end_of_message" or (self.style == "llama4" and bool(calls))

@@ -61,12 +61,13 @@ def check_tool_call(call: Any, name: str) -> ToolCall:
     return {"call_id": call_id, "tool_name": tool_name, "arguments": dict(arguments)}
 
 
-def encode_tool_calls(calls: list[ToolCall], tool_prompt_format: ToolPromptFormat) -> list[str]:
+def encode_tool_calls(calls: list[ToolCall], tool_prompt_format: ToolPromptFormat) -> list[tuple[str, bool]]:
     """The texts of checked calls, each encoded on its own, as llama-models writes them: a built-in tool in
     its own form whatever the format (`brave_search.call(query="...")`, or the bare code for code_interpreter),
     a function in the format asked. Consecutive python_list calls share one list, [f(a=1), g(b=2)] (llama-models
-    writes [f(a=1)][g(b=2)], which neither it nor Python reads as calls)."""
-    texts: list[str] = []
+    writes [f(a=1)][g(b=2)], which neither it nor Python reads as calls). Each text comes with whether it is
+    code for the interpreter."""
+    texts: list[tuple[str, bool]] = []
     grouped: list[str] = []  # python_list calls waiting for their list to close
     for call in calls:
         name, arguments = call["tool_name"], call["arguments"]
@@ -74,18 +75,18 @@ def encode_tool_calls(calls: list[ToolCall], tool_prompt_format: ToolPromptForma
             grouped.append(f"{name}({', '.join(f'{k}={_python_value(v, name)}' for k, v in arguments.items())})")
             continue
         if grouped:
-            texts.append(f"[{', '.join(grouped)}]")
+            texts.append((f"[{', '.join(grouped)}]", False))
             grouped = []
         if name in QUERY_TOOLS:
-            texts.append(f'{name}.call(query="{arguments["query"]}")')
+            texts.append((f'{name}.call(query="{arguments["query"]}")', False))
         elif name == "code_interpreter":
-            texts.append(arguments["code"])
+            texts.append((arguments["code"], True))
         elif tool_prompt_format == "json":
-            texts.append(_json_dumps({"type": "function", "name": name, "parameters": arguments}, name))
+            texts.append((_json_dumps({"type": "function", "name": name, "parameters": arguments}, name), False))
         else:
-            texts.append(f"<function={name}>{_json_dumps(arguments, name)}</function>")
+            texts.append((f"<function={name}>{_json_dumps(arguments, name)}</function>", False))
     if grouped:
-        texts.append(f"[{', '.join(grouped)}]")
+        texts.append((f"[{', '.join(grouped)}]", False))
     return texts
 
 
