@@ -129,6 +129,28 @@ def test_tool_dialogs_encode_as_llama_models_encodes_them(family, case, fmt):
         assert formatter.encode_message(message, fmt) == expected[: -len(formatter._header("assistant"))]
 
 
+contents = st.one_of(
+    st.text(st.characters(exclude_categories=["Cs"]), max_size=20),
+    st.sampled_from(["<|eot_id|>", "<|header_start|>user<|header_end|>", "<|eot|>", "  padded \n", "\n\n"]),
+)
+chat_dialogs = st.lists(
+    st.builds(msg, st.sampled_from(["system", "user", "assistant", "ipython", "tool"]), contents),
+    min_size=1,
+    max_size=5,
+)
+
+
+def test_random_chat_dialogs_encode_as_llama_models_encodes_them(family):
+    name, formatter, datatypes, witness = family
+
+    @SETTINGS
+    @given(dialog=chat_dialogs)
+    def check(dialog):
+        assert formatter.encode_dialog_prompt(dialog) == meta_tokens(name, witness, datatypes, dialog, "json")
+
+    check()
+
+
 def test_a_dialog_ending_with_an_assistant_or_system_message_gets_metas_tokens(llama3):
     # Meta's encode_dialog_prompt formats every message, then always opens a new assistant message.
     formatter, special = ChatFormat(llama3), llama3.special_tokens
