@@ -4,16 +4,19 @@ where it is wrong (its known bugs), hostile replies, and a round-trip property o
 
 import ast
 import keyword
+import types
 
 import pytest
 import tokenizer_paths
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from meta_reference import meta, plain_message, raw_message
 
+from llama.generation import Llama
 from llama.tokenizer import ChatFormat, Tokenizer
 
-llama3, llama3_path = tokenizer_paths.llama3, tokenizer_paths.llama3_path
+llama3, llama3_path, byte_path = tokenizer_paths.llama3, tokenizer_paths.llama3_path, tokenizer_paths.byte_path
 llama2, llama2_path = tokenizer_paths.llama2, tokenizer_paths.llama2_path
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -564,3 +567,72 @@ def test_llama_models_enums_are_taken(family):
     plain = assistant(call("brave_search", query="x"))
     assert formatter.encode_message(message, datatypes.ToolPromptFormat.json) == formatter.encode_message(plain)
     assert decoded(formatter, [], datatypes.StopReason.end_of_turn) == text_reply("", "end_of_turn")
+
+
+# -- chat_completion and chat_completion_stream ---------------------------------------------------------------------
+
+
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a Transformer: whatever the input, each sequence continues its prompt with its script."""
+
+    def __init__(self, scripts, prompt_lens, vocab_size, max_seq_len=256):
+        super().__init__()
+        self.params = types.SimpleNamespace(max_seq_len=max_seq_len, max_batch_size=4, vocab_size=vocab_size)
+        self.tok_embeddings = torch.nn.Embedding(1, 1)  # where generation reads the device from
+        self.scripts, self.prompt_lens, self.filler = scripts, prompt_lens, ord("x")
+
+    def forward(self, tokens, start_pos, last_only=False):
+        bsz, seqlen = tokens.shape
+        logits = torch.zeros(bsz, seqlen, self.params.vocab_size)
+        for i in range(bsz):
+            for j in range(seqlen):  # the output at position p predicts the token at p + 1
+                k = start_pos + j + 1 - self.prompt_lens[i]
+                script = self.scripts[i]
+                logits[i, j, script[k] if 0 <= k < len(script) else self.filler] = 1.0
+        return logits[:, -1:] if last_only else logits
+
+
+def test_chat_completion_returns_tool_calls_and_stop_reasons(byte_path):
+    tokenizer = Tokenizer(byte_path)  # ids are bytes; <|eom_id|> 264, <|eot_id|> 265, <|python_tag|> 266
+    special = tokenizer.special_tokens
+    eom, eot, python_tag = special["<|eom_id|>"], special["<|eot_id|>"], special["<|python_tag|>"]
+    dialogs = [[msg("user", "Weather in Paris?")], [msg("user", "Run code")], [msg("user", "Hi")], [USER]]
+    scripts = [
+        list(b'{"name": "get_weather", "parameters": {"city": "Paris"}}') + [eom],
+        [python_tag, *b"print(1)", eom],
+        list(b"Hello there!\n") + [eot],
+        list(b"x" * 100),
+    ]
+    prompts = [ChatFormat(tokenizer).encode_dialog_prompt(d) for d in dialogs]
+    llama = Llama(ScriptedModel(scripts, [len(p) for p in prompts], tokenizer.n_words), tokenizer)
+    results = llama.chat_completion(dialogs, max_gen_len=60, temperature=0)
+    generations = [r["generation"] for r in results]
+    for g in generations:
+        for c in g.get("tool_calls", []):
+            assert isinstance(c.pop("call_id"), str)
+    assert generations == [
+        calls_reply("end_of_message", ("get_weather", {"city": "Paris"})),
+        calls_reply("end_of_message", ("code_interpreter", {"code": "print(1)"})),
+        {"role": "assistant", "content": "Hello there!\n", "stop_reason": "end_of_turn"},
+        {"role": "assistant", "content": "x" * 60, "stop_reason": "out_of_tokens"},
+    ]
+    for i in range(3):  # one dialog at a time, streamed: the pieces are the raw reply, then the message
+        llama.model.prompt_lens, llama.model.scripts = [len(prompts[i])], [scripts[i]]
+        stream = llama.chat_completion_stream(dialogs[i], max_gen_len=60, temperature=0)
+        assert stream.message is None
+        assert "".join(stream) == tokenizer.decode(scripts[i][:-1])
+        for c in stream.message.get("tool_calls", []):
+            c.pop("call_id")
+        assert stream.message == generations[i]
+
+
+def test_chat_completion_needs_a_message_the_assistant_can_answer_last(byte_path):
+    tokenizer = Tokenizer(byte_path)
+    llama = Llama(ScriptedModel([[]], [1], tokenizer.n_words), tokenizer)
+    for last in (msg("assistant", "Sure"), msg("system", "Be brief."), assistant(WEATHER)):
+        with pytest.raises(ValueError, match=r"dialogs\[0\]'s last message is from .*user.*ipython"):
+            llama.chat_completion([[USER, last]])
+        with pytest.raises(ValueError, match="last message"):
+            llama.chat_completion_stream([USER, last])
+    with pytest.raises(ValueError, match=r"dialogs\[0\] is malformed: tool_prompt_format"):
+        llama.chat_completion([[USER]], tool_prompt_format="yaml")
