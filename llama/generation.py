@@ -526,8 +526,8 @@ class Llama:
                 )
         if dialog[-1]["role"] not in ("user", "ipython", "tool"):
             raise ValueError(
-                f"{name}'s last message is from {dialog[-1]['role']!r}: for the assistant to answer, it must be from "
-                "the user (or 'ipython', a tool's result); to score or continue an assistant message, use "
+                f"{name} is malformed: its last message is from {dialog[-1]['role']!r}; for the assistant to answer, "
+                "it must be from the user (or 'ipython', a tool's result); to score or continue an assistant message, use "
                 "ChatFormat.encode_dialog_prompt and generate"
             )
         try:

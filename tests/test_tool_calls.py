@@ -630,7 +630,7 @@ def test_chat_completion_needs_a_message_the_assistant_can_answer_last(byte_path
     tokenizer = Tokenizer(byte_path)
     llama = Llama(ScriptedModel([[]], [1], tokenizer.n_words), tokenizer)
     for last in (msg("assistant", "Sure"), msg("system", "Be brief."), assistant(WEATHER)):
-        with pytest.raises(ValueError, match=r"dialogs\[0\]'s last message is from .*user.*ipython"):
+        with pytest.raises(ValueError, match=r"dialogs\[0\] is malformed: its last message is from .*user.*ipython"):
             llama.chat_completion([[USER, last]])
         with pytest.raises(ValueError, match="last message"):
             llama.chat_completion_stream([USER, last])
