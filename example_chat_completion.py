@@ -4,8 +4,11 @@
     python example_chat_completion.py --ckpt_dir tiny-llama    # after `python -m llama.tiny`: random text
 
 --nproc_per_node is the model's number of shards (consolidated.NN.pth files); plain `python` runs one.
+--tools runs one tool-calling dialog instead (Llama 3.1+ or Llama 4): the model calls brave_search, the
+script answers with a canned search result, and the model answers the user.
 """
 
+import json
 import sys
 from typing import Optional
 
@@ -24,6 +27,7 @@ def main(
     max_batch_size: int = 4,
     max_gen_len: Optional[int] = None,  # None: up to the end of the context
     compile: bool = False,  # faster decoding: CUDA graphs on a GPU, torch.compile on a CPU
+    tools: bool = False,  # one tool-calling dialog instead of the chats below
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -32,6 +36,10 @@ def main(
         max_batch_size=max_batch_size,
         compile=compile,
     )
+
+    if tools:
+        tool_dialog(generator, temperature, top_p, max_gen_len)
+        return
 
     dialogs: list[Dialog] = [
         [{"role": "user", "content": "What is a good recipe for a quick vegetable soup?"}],
@@ -61,6 +69,33 @@ def main(
                 print(piece, end="", flush=True)
         if main_rank:
             print("\n\n==================================\n")
+
+
+def tool_dialog(generator: Llama, temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:
+    """Call, run the tool, feed its result back, get the answer: the loop of an agent, with a canned tool."""
+    dialog: Dialog = [
+        {"role": "system", "content": "Environment: ipython\nTools: brave_search\n\nYou are a helpful assistant."},
+        {"role": "user", "content": "Search the web: who won the 2022 FIFA World Cup?"},
+    ]
+    main_rank = dist.get_rank() == 0
+    for _ in range(3):
+        reply = generator.chat_completion([dialog], temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
+        reply = reply[0]["generation"]
+        dialog.append(reply)
+        calls = reply.get("tool_calls", [])
+        if main_rank:
+            print(f"> Assistant ({reply['stop_reason']}): {reply['content'] or calls}\n")
+        if not calls:
+            break
+        for call in calls:  # a real agent runs the tool here; this one answers every call the same way
+            result = {
+                "tool": call["tool_name"],
+                "arguments": call["arguments"],
+                "result": "Argentina won, on penalties.",
+            }
+            dialog.append({"role": "ipython", "content": json.dumps(result)})
+            if main_rank:
+                print(f"Ipython: {dialog[-1]['content']}\n")
 
 
 if __name__ == "__main__":

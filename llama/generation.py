@@ -4,7 +4,7 @@ import atexit
 import math
 import numbers
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TypedDict, Union
@@ -13,7 +13,7 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.distributed as dist
 
-from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags
+from llama.chat_format import ChatFormat, Dialog, Message, StopReason, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
@@ -30,7 +30,7 @@ class CompletionPrediction(TypedDict, total=False):
 
 
 class ChatPrediction(TypedDict, total=False):
-    generation: Message
+    generation: Message  # with "stop_reason", and "tool_calls" when the model called tools
     tokens: list[str]
     logprobs: list[float]
 
@@ -243,26 +243,34 @@ class Llama:
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
         logprobs: bool = False,
+        tool_prompt_format: str = "json",
     ) -> list[ChatPrediction]:
-        """The assistant's next message for each dialog (a list of {"role", "content"} messages)."""
+        """The assistant's next message for each dialog (a list of {"role", "content"} messages), with its
+        "stop_reason" ("end_of_turn", "end_of_message": it waits for a tool's result, "out_of_tokens") and,
+        when the model called tools (Llama 3.1+, Llama 4), "tool_calls". tool_prompt_format: how the
+        dialogs' calls to functions are written ("json", "function_tag" or "python_list")."""
         if isinstance(dialogs, (str, Mapping)) or not isinstance(dialogs, Sequence):
             raise ValueError("dialogs must be a list of dialogs, each a list of {'role': ..., 'content': ...} messages")
         self._check_batch_size(len(dialogs), "dialogs")
         max_gen_len = self._default_gen_len(max_gen_len)
         _check_sampling(temperature, top_p)
-        encoded = [self._encode_dialog(dialog, i) for i, dialog in enumerate(dialogs)]  # None: refused
+        encoded = [self._encode_dialog(d, i, tool_prompt_format) for i, d in enumerate(dialogs)]  # None: refused
         prompt_tokens = [t for t in encoded if t is not None]
-        tokens, token_logprobs = [], []
+        tokens, token_logprobs, stops = [], [], []
         if prompt_tokens:  # dialogs refused for their special tags cost no compute
-            tokens, token_logprobs = self._generate(
-                prompt_tokens, max_gen_len, temperature, top_p, bool(logprobs), False
-            )
+            batch, steps = self._start(prompt_tokens, max_gen_len, temperature, top_p, bool(logprobs), echo=False)
+            for _ in steps:
+                pass
+            tokens, token_logprobs, stops = _chat_outputs(batch, prompt_tokens)
         results: list[ChatPrediction] = []
-        generated = iter(zip(tokens, token_logprobs or [None] * len(tokens)))
+        generated = iter(zip(tokens, token_logprobs, stops))
         for prompt in encoded:
-            t, lp = next(generated) if prompt is not None else ([], [])
-            content = self.tokenizer.decode(t) if prompt is not None else UNSAFE_ERROR
-            result: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if prompt is None:
+                t, lp, message = [], [], _refusal()
+            else:
+                t, lp, stop = next(generated)
+                message = self._reply(t, self.formatter.stop_reason(stop))
+            result: ChatPrediction = {"generation": message}
             if logprobs:
                 result.update(tokens=self._token_pieces(t), logprobs=lp)
             results.append(result)
@@ -289,15 +297,32 @@ class Llama:
         temperature: float = 0.6,
         top_p: float = 0.9,
         max_gen_len: Optional[int] = None,
-    ) -> Iterator[str]:
-        """Yield the assistant's next message for one dialog as text pieces, as they are generated."""
-        prompt = self._encode_dialog(dialog, None)
+        tool_prompt_format: str = "json",
+    ) -> "ChatStream":
+        """Yield the assistant's next message for one dialog as text pieces, as they are generated (a tool
+        call comes as its raw text). Once the pieces run out, the stream's `message` is the message
+        chat_completion gives: content, stop_reason and tool_calls."""
+        prompt = self._encode_dialog(dialog, None, tool_prompt_format)
         max_gen_len = self._default_gen_len(max_gen_len)
         _check_sampling(temperature, top_p)
         if prompt is None:
-            return iter([UNSAFE_ERROR])
+            return ChatStream(iter([UNSAFE_ERROR]), _refusal)
         batch, steps = self._start([prompt], max_gen_len, temperature, top_p, logprobs=False, echo=False)
-        return decode_stream(self.tokenizer, (t for step in self._stream_tokens(batch, steps) for t in step[0]))
+        pieces = decode_stream(self.tokenizer, (t for step in self._stream_tokens(batch, steps) for t in step[0]))
+
+        def message() -> Message:
+            tokens, _, stops = _chat_outputs(batch, [prompt])
+            return self._reply(tokens[0], self.formatter.stop_reason(stops[0]))
+
+        return ChatStream(pieces, message)
+
+    def _reply(self, tokens: list[int], stop_reason: StopReason) -> Message:
+        """A generated reply as an assistant message: its tool calls (content "") when it holds some, else its
+        text as generated, as Meta's chat_completion gives it (llama-models' parser also strips end spaces)."""
+        message = self.formatter.decode_assistant_message(tokens, stop_reason)
+        if message.get("tool_calls"):
+            return message
+        return {"role": "assistant", "content": self.tokenizer.decode(tokens), "stop_reason": stop_reason}
 
     # -- The decoding loop shared by every entry point ---------------------------------------------------------
 
@@ -483,7 +508,9 @@ class Llama:
             raise ValueError(f"{name} is empty: give some text to complete")
         return self._check_prompt(self.tokenizer.encode(prompt, bos=True, eos=False), name)
 
-    def _encode_dialog(self, dialog: Dialog, index: Optional[int]) -> Optional[list[int]]:
+    def _encode_dialog(
+        self, dialog: Dialog, index: Optional[int], tool_prompt_format: str = "json"
+    ) -> Optional[list[int]]:
         """The prompt tokens of a dialog, or None for a Llama 2 dialog refused for its special tags."""
         name = "dialog" if index is None else f"dialogs[{index}]"
         if isinstance(dialog, (str, Mapping)) or not isinstance(dialog, Sequence):
@@ -497,8 +524,14 @@ class Llama:
                 raise ValueError(
                     f"{name}[{j}]['content'] must be a string, got {type(message.get('content')).__name__}"
                 )
+        if dialog[-1]["role"] not in ("user", "ipython", "tool"):
+            raise ValueError(
+                f"{name} is malformed: its last message is from {dialog[-1]['role']!r}; for the assistant to answer, "
+                "it must be from the user (or 'ipython', a tool's result); to score or continue an assistant message, use "
+                "ChatFormat.encode_dialog_prompt and generate"
+            )
         try:
-            tokens = self.formatter.encode_dialog_prompt(dialog)
+            tokens = self.formatter.encode_dialog_prompt(dialog, tool_prompt_format)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{name} is malformed: {e}") from None
         if self.formatter.style == "llama2" and has_special_tags(dialog):
@@ -534,6 +567,45 @@ def decode_stream(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
     text, sent = tokenizer.decode(ids[prefix:]), tokenizer.decode(ids[prefix:read])
     if len(text) > len(sent):
         yield text[len(sent) :]
+
+
+def _refusal() -> Message:
+    return {"role": "assistant", "content": UNSAFE_ERROR, "stop_reason": "end_of_turn"}
+
+
+class ChatStream:
+    """chat_completion_stream's answer: iterate for the reply's text pieces; once they run out, `message` is
+    the assistant message (content, stop_reason, tool_calls) that chat_completion would give."""
+
+    def __init__(self, pieces: Iterator[str], message: "Callable[[], Message]"):
+        self._pieces, self._message = pieces, message
+        self.message: Optional[Message] = None
+
+    def __iter__(self) -> "ChatStream":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self.message is None:
+                self.message = self._message()
+            raise
+
+
+def _chat_outputs(
+    batch: "_Batch", prompt_tokens: list[list[int]]
+) -> tuple[list[list[int]], list[list[float]], list[Optional[int]]]:
+    """Each sequence's generated tokens and their log-probabilities (when computed), as generate gives them,
+    and the stop token that ended it (None when it ran out of tokens)."""
+    tokens, ends, limits = batch.tokens.tolist(), batch.stop_pos.tolist(), batch.end_pos.tolist()
+    all_logprobs = batch.logprobs.tolist() if batch.logprobs is not None else None
+    out, out_logprobs, stops = [], [], []
+    for i, prompt in enumerate(prompt_tokens):
+        out.append(tokens[i][len(prompt) : ends[i]])
+        out_logprobs.append(all_logprobs[i][len(prompt) : ends[i]] if all_logprobs is not None else None)
+        stops.append(tokens[i][ends[i]] if ends[i] < limits[i] else None)
+    return out, out_logprobs, stops
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Llama's tokenizers, picked from the file: Meta's tiktoken BPE (Llama 3) or SentencePiece (Llama 1 and 2),
-picked from the file. ChatFormat, the dialog-to-tokens formatter, lives in llama/chat_format.py and is
+"""Llama's tokenizers, picked from the file: Meta's tiktoken BPE (Llama 3 or Llama 4) or SentencePiece
+(Llama 1 and 2). ChatFormat, the dialog-to-tokens formatter, lives in llama/chat_format.py and is
 re-exported here, where Meta's code imports it from."""
 
 import binascii
@@ -16,7 +16,7 @@ from sentencepiece import SentencePieceProcessor
 PathLike = Union[str, os.PathLike]
 
 EXPECTED_FILE = (
-    "a tokenizer.model is either Meta's Llama 3 tiktoken BPE file (text lines '<base64 token> <rank>') "
+    "a tokenizer.model is either Meta's Llama 3 or 4 tiktoken BPE file (text lines '<base64 token> <rank>') "
     "or a Llama 1/2 SentencePiece model (a protobuf)"
 )
 
@@ -44,6 +44,39 @@ SPECIAL_TOKENS = [
 ]
 SPECIAL_TOKENS += [f"<|reserved_special_token_{i}|>" for i in range(3, NUM_RESERVED_SPECIAL_TOKENS - 8)]
 
+# -- Llama 4: tiktoken BPE with 200,000 ranks, its own split pattern and 2,048 special tokens ----------------
+
+LLAMA4_NUM_BPE_RANKS = 200_000
+# Llama 4's pre-tokenizer regex (o200k's): words keep a trailing contraction, and "/" ends a punctuation run.
+LLAMA4_PAT_STR = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA4_NUM_SPECIAL_TOKENS = 2048
+
+
+def _llama4_special_tokens() -> list[str]:
+    """Meta's Llama 4 special tokens in order (200000..202047 for the real file): the basic ones, those
+    of text post-training, of vision, of reasoning, then generic reserved tokens up to 2,048."""
+
+    def reserved(kind: str, first: int, end: int) -> list[str]:
+        return [f"<|{kind}reserved_special_token_{i}|>" for i in range(first, end)]
+
+    basic = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    text = ["<|header_start|>", "<|header_end|>", "<|eom|>", "<|eot|>", "<|step|>"]
+    text += reserved("text_post_train_", 0, 6) + ["<|python_start|>", "<|python_end|>", "<|finetune_right_pad|>"]
+    text += reserved("text_post_train_", 8, 69)
+    vision = ["<|image_start|>", "<|image_end|>", *reserved("vision_", 0, 2), "<|tile_x_separator|>"]
+    vision += ["<|tile_y_separator|>", *reserved("vision_", 2, 6), "<|image|>", *reserved("vision_", 6, 7)]
+    vision += ["<|patch|>", *reserved("vision_", 7, 1048)]
+    reasoning = reserved("reasoning_", 0, 8) + ["<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
+    named = basic + text + vision + reasoning
+    return named + reserved("", 0, LLAMA4_NUM_SPECIAL_TOKENS - len(named))
+
+
+LLAMA4_SPECIAL_TOKENS = _llama4_special_tokens()
+
 # tiktoken panics on inputs much longer than this, so Meta encodes 400,000 characters at a time.
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 # tiktoken's BPE is slow on (and its regex recurses on) long runs of whitespace or of non-whitespace
@@ -56,7 +89,7 @@ _BPE_TEXT_LINE = re.compile(r"[A-Za-z0-9+/]+={0,2}[ \t]+[0-9]+[ \t]*")
 
 class Tokenizer:
     """Llama's tokenizer. `Tokenizer(model_path)` reads the file and gives the one it holds: a
-    TiktokenTokenizer (Llama 3) or a SentencePieceTokenizer (Llama 1 and 2)."""
+    TiktokenTokenizer (Llama 3), a Llama4Tokenizer (200,000 BPE ranks) or a SentencePieceTokenizer (Llama 1, 2)."""
 
     kind: Literal["tiktoken", "sentencepiece"]
     model_path: Path
@@ -86,26 +119,29 @@ class TiktokenTokenizer(Tokenizer):
 
     kind = "tiktoken"
     pat_str = PAT_STR
+    special_token_names = SPECIAL_TOKENS
+    eot, eom, pad = "<|eot_id|>", "<|eom_id|>", None  # the end-of-turn, end-of-message and padding tokens
 
     def __init__(self, model_path: PathLike):
         self.model_path = Path(model_path)
         mergeable_ranks = _read_bpe_ranks(self.model_path)
         num_base_tokens = len(mergeable_ranks)
-        self.special_tokens: dict[str, int] = {t: num_base_tokens + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.special_tokens: dict[str, int] = {t: num_base_tokens + i for i, t in enumerate(self.special_token_names)}
         self.model = tiktoken.Encoding(
             name=self.model_path.name,
             pat_str=self.pat_str,
             mergeable_ranks=mergeable_ranks,
             special_tokens=self.special_tokens,
         )
-        self.n_words: int = num_base_tokens + len(SPECIAL_TOKENS)
+        self.n_words: int = num_base_tokens + len(self.special_token_names)
         self.bos_id: int = self.special_tokens["<|begin_of_text|>"]
         self.eos_id: int = self.special_tokens["<|end_of_text|>"]
-        self.eot_id: int = self.special_tokens["<|eot_id|>"]
-        self.eom_id: int = self.special_tokens["<|eom_id|>"]
-        self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
-        self.pad_id: int = -1
+        self.eot_id: int = self.special_tokens[self.eot]
+        self.eom_id: int = self.special_tokens[self.eom]
+        self.pad_id: int = self.special_tokens[self.pad] if self.pad else -1
         self.stop_tokens: list[int] = [self.eos_id, self.eom_id, self.eot_id]
+        if "<|python_tag|>" in self.special_tokens:
+            self.python_tag_id: int = self.special_tokens["<|python_tag|>"]
 
     def encode(
         self,
@@ -146,6 +182,16 @@ class TiktokenTokenizer(Tokenizer):
     def decode(self, t: Sequence[int]) -> str:
         """The text of token ids; bytes that do not form UTF-8 (a character cut between ids) become U+FFFD."""
         return self.model.decode(_checked_ids(t, self.n_words))
+
+
+class Llama4Tokenizer(TiktokenTokenizer):
+    """Meta's Llama 4 tokenizer: byte-level BPE with tiktoken (200,000 ranks in the real file), Llama 4's split
+    pattern, then 2,048 special tokens. Tokenizer(path) picks it for a file of 200,000 ranks; construct it
+    directly to read another file (say a tiny byte-level one) as Llama 4's."""
+
+    pat_str = LLAMA4_PAT_STR
+    special_token_names = LLAMA4_SPECIAL_TOKENS
+    eot, eom, pad = "<|eot|>", "<|eom|>", "<|finetune_right_pad|>"
 
 
 def _split_for_tiktoken(
@@ -287,7 +333,9 @@ def _tokenizer_class(model_path: Optional[PathLike]) -> type:
         raise ValueError(f"{path} is empty: {EXPECTED_FILE}; download it again")
     first_line = head.lstrip(b"\r\n").split(b"\n", 1)[0]
     if _BPE_LINE.fullmatch(first_line):
-        return TiktokenTokenizer
+        # The number of ranks tells Llama 4's file from Llama 3's (128,000) and others.
+        n_ranks = sum(1 for line in path.read_bytes().splitlines() if line.strip())
+        return Llama4Tokenizer if n_ranks == LLAMA4_NUM_BPE_RANKS else TiktokenTokenizer
     # A SentencePiece ModelProto starts with its first vocabulary piece: field 1, length-delimited (0x0a).
     if head[:1] == b"\n":
         return SentencePieceTokenizer

@@ -194,10 +194,11 @@ COMMON_BAD: dict[str, tuple[object, str]] = {
     "int content": ([msg("user", 3)], "content must be a str"),
     "an unknown role": ([msg("bot", "hi")], "message 0 has role 'bot'"),
     "a role that is not a str": ([msg(["user"], "hi")], "message 0 has role"),
+}
+# Llama 3 and 4 format these, as Meta's does; Llama 2's format cannot.
+LLAMA2_BAD = {
     "the last message from the assistant": ([msg("user", "a"), msg("assistant", "b")], "last message"),
     "only a system message": ([msg("system", "s")], "system"),
-}
-LLAMA2_BAD = {
     "ipython in Llama 2": ([msg("user", "a"), msg("assistant", "b"), msg("ipython", "c")], "role 'ipython'"),
     "two user messages": ([msg("user", "a"), msg("user", "b")], "alternating.*message 1.*'user'"),
     "assistant first": ([msg("assistant", "a"), msg("user", "b")], "message 0 is from 'assistant'"),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,10 @@ def test_model_parallel_ranks_draw_the_same_tokens(tmp_path):
     assert rank0 == rank1
     run([str(worker), str(ckpt), str(tmp_path / "single")])  # one process, the same seed
     assert json.loads((tmp_path / "single.0").read_text())[2:] == json.loads(rank0)[2:]  # greedy: the same text
+
+
+def test_chat_example_with_tools_runs_one_tool_dialog(tiny):
+    # A random-weight model calls no tool: the script prints its one reply and why it stopped.
+    out = run(["example_chat_completion.py", "--ckpt_dir", str(tiny), "--max_gen_len", "8", "--tools"])
+    assert len(re.findall(r"> Assistant \((end_of_turn|end_of_message|out_of_tokens)\): ", out)) == 1
+    assert "What is a good recipe" not in out  # the default dialogs are not run

@@ -18,6 +18,7 @@ from sentencepiece import SentencePieceProcessor
 
 from llama.tokenizer import (
     SPECIAL_TOKENS,
+    Llama4Tokenizer,
     SentencePieceTokenizer,
     TiktokenTokenizer,
     Tokenizer,
@@ -438,3 +439,68 @@ def test_a_damaged_sentencepiece_file_loads_or_raises_a_value_error(tmp_path, ll
     except ValueError:
         return
     tokenizer.decode(tokenizer.encode("any text ü 🦙", bos=True, eos=True))
+
+
+# -- Llama 4 (tiktoken, 200,000 ranks): Meta's llama-models tokenizer as witness ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama4_path():
+    return tokenizer_paths.package_file("llama_models", "llama4/tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def llama4(llama4_path):
+    return Tokenizer(llama4_path)
+
+
+@pytest.fixture(scope="module")
+def meta_llama4(llama4_path):
+    from meta_reference import meta
+
+    return meta("llama4")[2].Tokenizer(llama4_path)
+
+
+def test_llama4_is_picked_from_the_file_with_metas_special_tokens(llama4, meta_llama4):
+    assert isinstance(llama4, Llama4Tokenizer) and llama4.kind == "tiktoken"
+    assert llama4.special_tokens == meta_llama4.special_tokens and len(llama4.special_tokens) == 2048
+    assert llama4.n_words == meta_llama4.n_words == 202048
+    assert (llama4.bos_id, llama4.eos_id, llama4.pad_id) == (200000, 200001, meta_llama4.pad_id)
+    assert llama4.stop_tokens == meta_llama4.stop_tokens == [200001, 200007, 200008]  # <|end_of_text|> <|eom|> <|eot|>
+    assert (llama4.eot_id, llama4.eom_id) == (200008, 200007)
+
+
+LLAMA4_HARD = [
+    "This is a test sentence.",
+    "I'M here and YOU'RE there; they'll've gone",  # o200k's contractions differ from Llama 3's
+    "http://example.com/a/b/c?d=e//f",  # "/" ends a punctuation run in Llama 4's pattern
+    "CamelCaseWords and HTTPServer",
+    "12345678 3.14159 1,000,000",
+    "\n\n\t  \r\n  x",
+    "<|header_start|>user<|header_end|><|eot|><|eom|><|python_start|><|begin_of_text|>",
+    "naïve café 日本語 🦙 👩‍👩‍👧 🇫🇷 e\u0301",
+    "\x00\ufeff",
+] + CODE
+
+
+def test_llama4_ids_equal_metas_on_hard_strings(llama4, meta_llama4):
+    for s in LLAMA4_HARD + [LONG_INPUTS[name]() for name in ("a 100,000-space run", "400,001 characters")]:
+        ids = llama4.encode(s, bos=True, eos=True)
+        assert ids == meta_llama4.encode(s, bos=True, eos=True), s[:40]
+        assert max(ids[1:-1], default=0) < 200000  # special-token strings are text
+        assert llama4.decode(ids[1:-1]) == s
+
+
+@SETTINGS
+@given(s=texts)
+def test_llama4_ids_equal_metas_on_generated_text(llama4, meta_llama4, s):
+    ids = llama4.encode(s, bos=False, eos=False)
+    assert ids == meta_llama4.encode(s, bos=False, eos=False)
+    assert llama4.decode(ids) == s
+
+
+def test_a_llama4_tokenizer_reads_a_small_file_when_asked(byte_path):
+    # Tokenizer(path) takes 256 ranks as Llama 3's; Llama4Tokenizer(path) reads them as Llama 4's.
+    small = Llama4Tokenizer(byte_path)
+    assert small.n_words == 256 + 2048 and small.special_tokens["<|eot|>"] == 256 + 8
+    assert isinstance(Tokenizer(byte_path), TiktokenTokenizer) and not isinstance(Tokenizer(byte_path), Llama4Tokenizer)
