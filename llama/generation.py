@@ -1,26 +1,22 @@
 """Llama: build a model from Meta's checkpoint folder, then generate text with it."""
 
-import atexit
 import math
 import numbers
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TypedDict, Union
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.distributed as dist
 
 from llama.chat_format import ChatFormat, Dialog, Message, StopReason, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
+from llama.distributed import DTYPES, default_device, default_dtype, init_distributed  # noqa: F401
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
 from llama.quantize import quantize_int8
+from llama.sampling import nucleus, sample_top_p, token_logprobs, top_p_probs  # noqa: F401
 from llama.tokenizer import Tokenizer
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -37,61 +33,6 @@ class ChatPrediction(TypedDict, total=False):
 
 # Meta's Llama 2 answer to a dialog that writes the chat format's own tags ([INST], <<SYS>>, ...).
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else CPU; LLAMA_DEVICE (e.g. "cpu", "cuda:1") chooses."""
-    name = os.environ.get("LLAMA_DEVICE")
-    if name:
-        try:
-            return torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"LLAMA_DEVICE={name!r} is not a device; use e.g. cpu or cuda") from None
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that have it, else float16; bfloat16 on CPU; LLAMA_DTYPE chooses."""
-    name = os.environ.get("LLAMA_DTYPE")
-    if name:
-        if name not in DTYPES:
-            raise ValueError(f"LLAMA_DTYPE={name!r} is not one of {', '.join(DTYPES)}")
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16
-
-
-def init_distributed(model_parallel_size: Optional[int], device: torch.device) -> tuple[int, int]:
-    """Join the process group (torchrun's, or a single process of our own) and fairscale's
-    model-parallel groups; returns (model-parallel rank, model-parallel size)."""
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
-            dist.init_process_group(backend)
-        else:  # plain `python script.py`: a group of one, no network needed
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        # Tear the group down before the interpreter does: gloo's threads otherwise can abort the exit
-        # ("terminate called without an active exception") after all the work is done.
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    world = dist.get_world_size()
-    if model_parallel_size is not None and (model_parallel_size < 1 or world % model_parallel_size):
-        raise ValueError(
-            f"model_parallel_size={model_parallel_size} needs a multiple of that many processes, but there are "
-            f"{world}: run with torchrun --nproc_per_node {model_parallel_size}"
-        )
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(model_parallel_size or world)
-    elif model_parallel_size not in (None, fs_init.get_model_parallel_world_size()):
-        raise ValueError(
-            f"model parallelism is already set up with size {fs_init.get_model_parallel_world_size()} in this "
-            f"process; model_parallel_size={model_parallel_size} cannot change it"
-        )
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
 
 
 class Llama:
@@ -635,47 +576,3 @@ def _check_max_gen_len(max_gen_len: int) -> int:
     if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 1:
         raise ValueError(f"max_gen_len must be a positive integer (number of tokens to generate), got {max_gen_len!r}")
     return int(max_gen_len)
-
-
-# On a CPU, sorting a 128K-token vocabulary takes tens of milliseconds a step, more than a small model's
-# forward; the nucleus is nearly always among the few most likely tokens, so look there first.
-CPU_NUCLEUS_CANDIDATES = 1024
-
-
-def nucleus(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nucleus of each row of probs (bs, vocab): (probabilities, token ids), most likely first, with
-    the tokens outside the nucleus given probability 0. The nucleus is the most likely tokens taken until
-    their total reaches p (the token that crosses p is kept), as in Meta's sample_top_p."""
-    vocab_size = probs.shape[-1]
-    k = vocab_size if probs.is_cuda else min(vocab_size, CPU_NUCLEUS_CANDIDATES)
-    if k < vocab_size:
-        probs_sort, probs_idx = torch.topk(probs, k, dim=-1)
-        if bool((probs_sort.sum(dim=-1) <= p).any()):  # a nucleus may reach past the candidates: sort all
-            k = vocab_size
-    if k == vocab_size:
-        probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
-    mass_before = torch.cumsum(probs_sort, dim=-1) - probs_sort
-    return probs_sort.masked_fill(mass_before > p, 0.0), probs_idx
-
-
-def top_p_probs(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """probs (bs, vocab) restricted to the nucleus and renormalised; every other token has probability 0."""
-    if p >= 1:
-        return probs / probs.sum(dim=-1, keepdim=True)
-    probs_sort, probs_idx = nucleus(probs, p)
-    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort / probs_sort.sum(dim=-1, keepdim=True))
-
-
-def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Nucleus sampling: one token id per row of probs (bs, vocab), drawn from the smallest set of most
-    likely tokens whose probabilities add up to p. Returns (bs, 1), as Meta's does."""
-    if p >= 1:  # every token is in the nucleus: no sorting needed
-        return torch.multinomial(probs, num_samples=1, generator=generator)
-    probs_sort, probs_idx = nucleus(probs, p)
-    # multinomial draws in proportion to the weights, so the nucleus needs no renormalising
-    return torch.gather(probs_idx, -1, torch.multinomial(probs_sort, num_samples=1, generator=generator))
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token] at each position: logits (bs, n, vocab), tokens (bs, n) -> (bs, n)."""
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
