@@ -2,6 +2,7 @@
 (config.json and *.safetensors), on any model-parallel size that divides or is divided by the number of shards,
 each rank reading only its own share of the weights and holding no second copy of them."""
 
+import copy
 import json
 import pickle
 import re
@@ -13,11 +14,15 @@ from typing import Optional, Union
 
 import torch
 
+from llama import checkpoint_llama4 as llama4
 from llama.model import ModelArgs, MoEArgs, Transformer, swiglu_hidden_dim
+from llama.moe import moe_hidden_dim
 
 # How Meta splits each weight across model-parallel ranks (keyed by the module name before ".weight").
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split along dim 0 (output features)
 ROW_PARALLEL = ("wo", "w2")  # split along dim 1 (input features)
+# Llama 4's experts are split along their hidden size F: w1, w3 (E, D, F) along dim 2, w2 (E, F, D) along dim 1;
+# the router (D, E) is replicated. Meta's released files store some weights fused or flat: llama/checkpoint_llama4.py.
 # tok_embeddings: Llama 2 splits it along dim 1 (hidden), Llama 3 along dim 0 (vocabulary); this model
 # always splits the vocabulary, and the shard shapes tell which layout a checkpoint has. Norms are replicated.
 UNUSED_KEYS = ("rope.freqs",)  # Llama 2 stores its RoPE table; the model recomputes it
@@ -137,8 +142,7 @@ def rope_scaling(params: dict) -> dict:
 def model_args(params: dict, source: str = "params.json", **overrides) -> ModelArgs:
     """ModelArgs from params.json's dict, with its types checked; unknown keys are dropped with a warning."""
     known = typing.get_type_hints(ModelArgs)
-    if params.get("vision_args") is not None:
-        warnings.warn(f"{source}: this library runs the text model; the vision tower is skipped", stacklevel=2)
+    # vision_args (Llama 4): the loader says that the vision tower's weights are skipped, once, as it skips them
     unknown = sorted(set(params) - set(known) - {"vision_args"})
     if unknown:
         warnings.warn(f"{source}: ignoring keys this model does not use: {', '.join(unknown)}", stacklevel=2)
@@ -235,14 +239,19 @@ def _ffn_shape(dim: int, intermediate_size: int) -> tuple[int, Optional[float]]:
 
 
 def hf_params(config: dict, source: str = "config.json") -> dict:
-    """params.json's settings for a Hugging Face LlamaForCausalLM config.json; ValueError for anything else."""
+    """params.json's settings for a Hugging Face LlamaForCausalLM or Llama 4 config.json; ValueError for anything
+    else."""
+    if llama4.is_llama4_config(config):
+        params = llama4.hf_params(config, source)
+        model_args(params, source)  # type and shape errors now, naming config.json
+        return params
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
     if model_type not in (None, "llama") or (architectures and "LlamaForCausalLM" not in architectures):
         found = ", ".join(architectures) if architectures else f"model_type {model_type!r}"
         raise ValueError(
-            f"{source}: unsupported architecture {found}; only Llama models (LlamaForCausalLM, model_type 'llama') "
-            "load here"
+            f"{source}: unsupported architecture {found}; only Llama models (LlamaForCausalLM, model_type 'llama'; "
+            "Llama4ForCausalLM, Llama4ForConditionalGeneration) load here"
         )
     if model_type is None and not architectures:
         raise ValueError(f"{source} names no architecture or model_type: is it a Llama model's config.json?")
@@ -342,10 +351,19 @@ class _LazyTensor:
                 f"{path} lacks tensor {name!r} that {HF_INDEX} places there ({e}); download it again"
             ) from None
         self.shape = torch.Size(self._slice.get_shape())
+        self._start = [0] * len(self.shape)  # where this tensor lies in the stored one (see part)
+
+    def part(self, dim: int, start: int, length: int) -> "_LazyTensor":
+        """A narrowed _LazyTensor, still not read: e.g. w1 out of Llama 4's gate_up_proj."""
+        piece = copy.copy(self)
+        piece._start = list(self._start)
+        piece._start[dim] += start
+        piece.shape = self.shape[:dim] + (length,) + self.shape[dim + 1 :]
+        return piece
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        index = [slice(None)] * len(self.shape)
-        index[dim] = slice(start, start + length)
+        index = [slice(a, a + n) for a, n in zip(self._start, self.shape)]
+        index[dim] = slice(self._start[dim] + start, self._start[dim] + start + length)
         return self._slice[tuple(index)]
 
 
@@ -379,21 +397,29 @@ def _hf_tensors(folder: Path) -> dict[str, _LazyTensor]:
     else:
         where = {name: path for path, handle in handles.items() for name in handle.keys()}
     config = _read_json(folder / "config.json")
-    tensors, unknown = {}, []
-    for hf_name, path in where.items():
-        name = _meta_name(hf_name)
-        if name is None:
-            unknown.append(hf_name)
-        elif name == "output.weight" and config.get("tie_word_embeddings"):
-            continue  # tied: HF uses the embedding matrix whatever lm_head.weight holds
-        elif name:
-            tensors[name] = _LazyTensor(handles[path], hf_name, path)
+    if llama4.is_llama4_config(config):
+        architecture = "Llama 4"
+        tensors, unknown = llama4.hf_tensors(
+            list(where), lambda name: _LazyTensor(handles[where[name]], name, where[name]), str(folder)
+        )
+        tied = llama4.hf_text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings"))
+    else:
+        architecture, tensors, unknown = "LlamaForCausalLM", {}, []
+        for hf_name, path in where.items():
+            name = _meta_name(hf_name)
+            if name is None:
+                unknown.append(hf_name)
+            elif name:
+                tensors[name] = _LazyTensor(handles[path], hf_name, path)
+        tied = config.get("tie_word_embeddings")
+    if tied:
+        tensors.pop("output.weight", None)  # HF uses the embedding matrix whatever lm_head.weight holds
     if unknown:
         raise ValueError(
-            f"{folder} holds tensors that are not LlamaForCausalLM weights ({', '.join(sorted(unknown)[:5])}): "
+            f"{folder} holds tensors that are not {architecture} weights ({', '.join(sorted(unknown)[:5])}): "
             "is it a quantized, adapter or other architecture's checkpoint? Only plain Llama weights load here"
         )
-    if "output.weight" not in tensors and not config.get("tie_word_embeddings"):
+    if "output.weight" not in tensors and not tied:
         raise ValueError(
             f"{folder} has no lm_head.weight but config.json says tie_word_embeddings is false: download it again"
         )
@@ -410,7 +436,10 @@ def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --- resharding -----------------------------------------------------------------------------------------------
 
 
-def _split_dim(key: str) -> Optional[int]:
+def split_dim(key: str) -> Optional[int]:
+    """The dimension along which Meta splits the weight `key` (the model's names) over ranks; None: replicated."""
+    if re.fullmatch(r"layers\.\d+\.feed_forward\.experts\.w[123]", key):  # Llama 4: (E, D, F), (E, F, D): along F
+        return 1 if key.endswith(".w2") else 2
     module = key.rsplit(".", 2)[-2] if key.count(".") else key
     if module in COLUMN_PARALLEL or module == "tok_embeddings":
         return 0
@@ -450,6 +479,8 @@ def check_parallel_size(args: ModelArgs, n_shards: int, world: int, ckpt_dir: Pa
     ffn_hidden = swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
     sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size}
     sizes["the feed-forward hidden size"] = ffn_hidden
+    if args.moe_args is not None:
+        sizes["the experts' hidden size"] = moe_hidden_dim(args)
 
     def fits(m: int) -> bool:
         return not (n_shards % m and m % n_shards) and all(v % m == 0 for v in sizes.values())
@@ -475,14 +506,18 @@ def load_state_dict(ckpt_dir: PathLike, args: ModelArgs, rank: int = 0, world: i
     Shards are mapped from disk (torch.load mmap): a share that lies in one shard stays a view of the file,
     and a share spread over several is copied shard by shard, each file unmapped before the next, so a rank
     holds about its share of the model and no more. A Hugging Face folder counts as one unsharded shard,
-    mapped through safetensors' slices, whose query/key rows are put back into Meta's rotary order (a copy)."""
+    mapped through safetensors' slices, whose query/key rows are put back into Meta's rotary order (a copy; not
+    for Llama 4, whose conversion keeps Meta's order). Llama 4's fused and flat keys are split per shard first."""
     kind, folder = _locate(ckpt_dir)
     if kind == "hf":
         hf = _hf_tensors(folder)
         names, load = [str(folder)], lambda i: hf
+        permuted = not llama4.is_llama4_config(_read_json(folder / "config.json"))
     else:
         paths = shard_paths(folder)
-        names, load = [str(p) for p in paths], lambda i: load_shard(paths[i])
+        warned: set[str] = set()  # one warning per kind of skipped key, not one per shard
+        names = [str(p) for p in paths]
+        load = lambda i: llama4.module_names(load_shard(paths[i]), args, names[i], warned)  # noqa: E731
     check_parallel_size(args, len(names), world, folder)
 
     first = load(0)
@@ -492,8 +527,8 @@ def load_state_dict(ckpt_dir: PathLike, args: ModelArgs, rank: int = 0, world: i
     for key, shape in shapes.items():
         if key in UNUSED_KEYS:
             continue
-        dim = _split_dim(key)
-        if dim is None:  # replicated: shard 0's copy, on every rank
+        dim = split_dim(key)
+        if dim is None or dim >= len(shape):  # replicated (or a stray key, which build_transformer names): shard 0's copy, on every rank
             plans[key] = _plan(shape, 1, 0, 0, 0, 1)
             continue
         src = dim
@@ -529,7 +564,7 @@ def load_state_dict(ckpt_dir: PathLike, args: ModelArgs, rank: int = 0, world: i
                 state[key].narrow(*out_span).copy_(piece)
         shard = piece = None  # the file is unmapped once no view into it is kept: its pages leave the rank's memory
 
-    if kind == "hf":
+    if kind == "hf" and permuted:
         head_dim = args.dim // args.n_heads
         for key, n_heads in (("attention.wq.weight", args.n_heads), ("attention.wk.weight", args.n_kv_heads)):
             for i in range(args.n_layers):

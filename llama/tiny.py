@@ -1,19 +1,23 @@
 """Write a tiny random-weight checkpoint in Meta's on-disk format, to try the library without a download.
 
     python -m llama.tiny --out_dir tiny-llama3        # params.json, consolidated.00.pth, tokenizer.model
+    python -m llama.tiny --llama4 --out_dir tiny-llama4 --n_shards 2   # Llama 4 (MoE), as Meta released Scout
 
 Its weights are random, so it writes random text; it exists to run the examples and the tests end to end.
 """
 
 import base64
+import importlib.util
 import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from llama.checkpoint import COLUMN_PARALLEL, ROW_PARALLEL
+from llama.checkpoint import split_dim
+from llama.checkpoint_llama4 import released_names
 from llama.model import ModelArgs, swiglu_hidden_dim
+from llama.moe import moe_hidden_dim
 
 TINY_PARAMS = {
     "dim": 64,
@@ -27,6 +31,36 @@ TINY_PARAMS = {
     "rope_theta": 500000.0,
     "use_scaled_rope": True,
 }
+# Llama 4 Scout's params.json scaled down, with Maverick's alternation of dense and MoE layers so that both kinds
+# are there: NoPE every 4th layer, RoPE layers attending within chunks of 8 positions with QK norm, temperature
+# tuning from position 8 on. vocab_size follows the tokenizer.
+TINY_LLAMA4_PARAMS = {
+    "dim": 64,
+    "n_layers": 4,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 202048,
+    "multiple_of": 16,
+    "ffn_dim_multiplier": 1.2,
+    "ffn_exp": 4.0,
+    "norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+    "nope_layer_interval": 4,
+    "use_qk_norm": True,
+    "attention_chunk_size": 8,
+    "attn_temperature_tuning": True,
+    "floor_scale": 8,
+    "attn_scale": 0.1,
+    "moe_args": {
+        "num_experts": 4,
+        "capacity_factor": 1.0,
+        "auto_scale_F": True,
+        "top_k": 1,
+        "interleave_moe_layer_step": 2,
+    },
+}
 
 
 def random_state_dict(
@@ -37,7 +71,8 @@ def random_state_dict(
     tied: bool = False,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """Unsharded weights under Meta's key names; norms near 1, everything else normal(0, std), drawn on device."""
+    """Unsharded weights under Meta's key names; norms near 1, Llama 4's router normal(0, 1) (so that tokens spread
+    over the experts), everything else normal(0, std), drawn on device."""
     g = torch.Generator(device).manual_seed(seed)
     head_dim = args.dim // args.n_heads
     hidden = swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
@@ -55,9 +90,18 @@ def random_state_dict(
         state[p + "attention.wk.weight"] = normal(args.n_kv_heads * head_dim, args.dim)
         state[p + "attention.wv.weight"] = normal(args.n_kv_heads * head_dim, args.dim)
         state[p + "attention.wo.weight"] = normal(args.dim, args.n_heads * head_dim)
-        state[p + "feed_forward.w1.weight"] = normal(hidden, args.dim)
-        state[p + "feed_forward.w2.weight"] = normal(args.dim, hidden)
-        state[p + "feed_forward.w3.weight"] = normal(hidden, args.dim)
+        if args.is_moe_layer(i):
+            n, f = args.moe_args.num_experts, moe_hidden_dim(args)
+            state[p + "feed_forward.router_DE"] = normal(args.dim, n, scale=1.0)
+            state[p + "feed_forward.experts.w1"] = normal(n, args.dim, f)
+            state[p + "feed_forward.experts.w2"] = normal(n, f, args.dim)
+            state[p + "feed_forward.experts.w3"] = normal(n, args.dim, f)
+            ffn, size = "feed_forward.shared_expert.", f
+        else:
+            ffn, size = "feed_forward.", hidden
+        state[p + ffn + "w1.weight"] = normal(size, args.dim)
+        state[p + ffn + "w2.weight"] = normal(args.dim, size)
+        state[p + ffn + "w3.weight"] = normal(size, args.dim)
         state[p + "attention_norm.weight"] = norm()
         state[p + "ffn_norm.weight"] = norm()
     state["norm.weight"] = norm()
@@ -70,22 +114,26 @@ def shard_state_dict(state: dict[str, torch.Tensor], n: int, embedding_dim: int 
     """Split as Meta does for n model-parallel ranks. embedding_dim: 0 for Llama 3 (vocabulary), 1 for Llama 2."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
     for key, tensor in state.items():
-        module = key.rsplit(".", 2)[-2]
-        dim = 0 if module in COLUMN_PARALLEL else 1 if module in ROW_PARALLEL else None
-        if module == "tok_embeddings":
-            dim = embedding_dim
+        dim = embedding_dim if key == "tok_embeddings.weight" else split_dim(key)
         for i in range(n):
             shards[i][key] = tensor.clone() if dim is None else tensor.chunk(n, dim)[i].clone()
     return shards
 
 
 def write_checkpoint(
-    out_dir: Path, params: dict, state: dict[str, torch.Tensor], n_shards: int = 1, embedding_dim: int = 0
+    out_dir: Path,
+    params: dict,
+    state: dict[str, torch.Tensor],
+    n_shards: int = 1,
+    embedding_dim: int = 0,
+    released: bool = False,
 ) -> None:
+    """params.json and consolidated.NN.pth; released: Llama 4 under the names of Meta's released files (fused
+    wqkv and fc1, flat experts, packed norm names), each shard's pieces fused as Meta's shards are."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(params, indent=2))
     for i, shard in enumerate(shard_state_dict(state, n_shards, embedding_dim)):
-        torch.save(shard, out_dir / f"consolidated.{i:02d}.pth")
+        torch.save(released_names(shard) if released else shard, out_dir / f"consolidated.{i:02d}.pth")
 
 
 def write_byte_tokenizer(path: Path) -> None:
@@ -93,29 +141,53 @@ def write_byte_tokenizer(path: Path) -> None:
     path.write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n" for b in range(256)))
 
 
+def llama4_tokenizer() -> Optional[Path]:
+    """Meta's Llama 4 tokenizer.model, where the llama-models package (Meta's reference) is installed."""
+    spec = importlib.util.find_spec("llama_models")
+    for folder in (spec and spec.submodule_search_locations) or []:
+        path = Path(folder) / "llama4" / "tokenizer.model"
+        if path.is_file():
+            return path
+    return None
+
+
 def main(
     out_dir: str = "tiny-llama",
     n_shards: int = 1,
     seed: int = 0,
     tokenizer_path: Optional[str] = None,
+    llama4: bool = False,
 ) -> None:
-    """Write params.json, consolidated.NN.pth and tokenizer.model of a random-weight Llama 3-style model.
+    """Write params.json, consolidated.NN.pth and tokenizer.model of a random-weight Llama 3-style model, or with
+    --llama4 a Llama 4 one (mixture of experts, NoPE layers, chunked attention) in Meta's released layout.
 
     tokenizer_path: a real tokenizer.model to copy in (the vocabulary size follows it); by default a
-    byte-level tokenizer of 256 + 256 special tokens is written.
+    byte-level tokenizer of 256 + 256 special tokens is written, or for Llama 4 Meta's Llama 4 tokenizer
+    when the llama-models package is installed.
     """
     from llama.tokenizer import Tokenizer
 
+    if not isinstance(n_shards, int) or isinstance(n_shards, bool) or n_shards < 1:
+        raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_file = out / "tokenizer.model"
+    if llama4 and not tokenizer_path:
+        tokenizer_path = llama4_tokenizer()
+        if tokenizer_path is None:
+            print(
+                "Meta's Llama 4 tokenizer was not found (pip install llama-models, or pass --tokenizer_path): "
+                "writing a byte-level tokenizer instead"
+            )
     if tokenizer_path:
+        if not Path(tokenizer_path).is_file():
+            raise FileNotFoundError(f"no tokenizer file at {tokenizer_path}: pass a tokenizer.model")
         tok_file.write_bytes(Path(tokenizer_path).read_bytes())
     else:
         write_byte_tokenizer(tok_file)
-    params = dict(TINY_PARAMS, vocab_size=Tokenizer(str(tok_file)).n_words)
+    params = dict(TINY_LLAMA4_PARAMS if llama4 else TINY_PARAMS, vocab_size=Tokenizer(str(tok_file)).n_words)
     state = random_state_dict(ModelArgs(**params), seed=seed)
-    write_checkpoint(out, params, state, n_shards)
+    write_checkpoint(out, params, state, n_shards, released=llama4)
     print(f"Wrote a random-weight model to {out}/ (it writes random text). Try:")
     print(f"  python example_chat_completion.py --ckpt_dir {out} --tokenizer_path {tok_file}")
 

@@ -107,3 +107,33 @@ def test_chat_example_with_tools_runs_one_tool_dialog(tiny):
     out = run(["example_chat_completion.py", "--ckpt_dir", str(tiny), "--max_gen_len", "8", "--tools"])
     assert len(re.findall(r"> Assistant \((end_of_turn|end_of_message|out_of_tokens)\): ", out)) == 1
     assert "What is a good recipe" not in out  # the default dialogs are not run
+
+
+@pytest.fixture(scope="module")
+def tiny_llama4(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("examples") / "tiny-llama4"
+    run(["-m", "llama.tiny", "--llama4", "--out_dir", str(out), "--n_shards", "2"])
+    return out
+
+
+def test_tiny_llama4_is_in_metas_released_layout_with_the_llama4_tokenizer(tiny_llama4):
+    import torch
+
+    from llama.tiny import llama4_tokenizer
+
+    params = json.loads((tiny_llama4 / "params.json").read_text())
+    assert params["moe_args"]["num_experts"] > 1 and params["nope_layer_interval"] and params["attention_chunk_size"]
+    keys = torch.load(tiny_llama4 / "consolidated.01.pth", weights_only=True, mmap=True).keys()
+    assert {"layers.0.attention.wqkv.weight", "layers.1.feed_forward.experts.moe_w_in_eD_F"} <= set(keys)
+    if llama4_tokenizer() is not None:  # Meta's reference installed: its Llama 4 tokenizer is the one copied
+        assert (tiny_llama4 / "tokenizer.model").read_bytes() == llama4_tokenizer().read_bytes()
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["python", "torchrun-2"])
+@pytest.mark.parametrize("script", ["example_text_completion.py", "example_chat_completion.py"])
+def test_examples_on_a_tiny_llama4(tiny_llama4, script, nproc):
+    # Two shards: merged onto one process with plain python, one each under torchrun --nproc_per_node 2.
+    out = run([script, "--ckpt_dir", str(tiny_llama4), "--max_gen_len", "12"], nproc)
+    assert out.count("==================================") == 4
+    if script == "example_chat_completion.py":
+        assert out.count("> Assistant: ") == 4
