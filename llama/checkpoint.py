@@ -238,6 +238,18 @@ def _ffn_shape(dim: int, intermediate_size: int) -> tuple[int, Optional[float]]:
     return 1, multiplier
 
 
+def refuse_variants(config: dict, source: str, family: str, defaults: dict) -> None:
+    """ValueError for variants a Hugging Face config can express but Meta's architecture cannot (each key of
+    defaults must keep its default, head_dim must be hidden_size / heads): refused, never computed wrongly."""
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    checks = {key: (config.get(key, wanted), wanted) for key, wanted in defaults.items()}
+    if dim % n_heads == 0:
+        checks["head_dim"] = (config.get("head_dim") or dim // n_heads, dim // n_heads)
+    for key, (value, wanted) in checks.items():
+        if value != wanted:
+            raise ValueError(f"{source}: {key}={value!r} is not supported; Meta's {family} architecture has {wanted!r}")
+
+
 def hf_params(config: dict, source: str = "config.json") -> dict:
     """params.json's settings for a Hugging Face LlamaForCausalLM or Llama 4 config.json; ValueError for anything
     else."""
@@ -266,17 +278,7 @@ def hf_params(config: dict, source: str = "config.json") -> dict:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{source}: '{key}' must be a positive integer, got {value!r}")
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    # Variants that LlamaForCausalLM can express but Meta's architecture cannot: refuse them, never compute wrongly.
-    unsupported = {
-        "hidden_act": (config.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (config.get("attention_bias", False), False),
-        "mlp_bias": (config.get("mlp_bias", False), False),
-    }
-    if dim % n_heads == 0:
-        unsupported["head_dim"] = (config.get("head_dim") or dim // n_heads, dim // n_heads)
-    for key, (value, wanted) in unsupported.items():
-        if value != wanted:
-            raise ValueError(f"{source}: {key}={value!r} is not supported; Meta's Llama architecture has {wanted!r}")
+    refuse_variants(config, source, "Llama", {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False})
 
     # transformers 5 keeps RoPE settings in rope_parameters; older configs have rope_theta and rope_scaling.
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}

@@ -301,15 +301,9 @@ def hf_params(config: dict, source: str) -> dict:
         if not isinstance(text[key], int):
             raise ValueError(f"{source}: '{key}' must be true or false, got {text[key]!r}")
     dim, n_heads, n_layers = text["hidden_size"], text["num_attention_heads"], text["num_hidden_layers"]
-    unsupported = {
-        "hidden_act": (text.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (text.get("attention_bias", False), False),
-    }
-    if dim % n_heads == 0:
-        unsupported["head_dim"] = (text.get("head_dim") or dim // n_heads, dim // n_heads)
-    for key, (value, wanted) in unsupported.items():
-        if value != wanted:
-            raise ValueError(f"{source}: {key}={value!r} is not supported; Meta's Llama 4 architecture has {wanted!r}")
+    from llama.checkpoint import refuse_variants  # llama.checkpoint imports this module
+
+    refuse_variants(text, source, "Llama 4", {"hidden_act": "silu", "attention_bias": False})
 
     # HF: no_rope_layers[i] is 1 where layer i uses RoPE; Meta: every nope_layer_interval-th layer has none.
     interval = text["no_rope_layer_interval"]

@@ -444,14 +444,7 @@ def test_a_damaged_sentencepiece_file_loads_or_raises_a_value_error(tmp_path, ll
 # -- Llama 4 (tiktoken, 200,000 ranks): Meta's llama-models tokenizer as witness ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama4_path():
-    return tokenizer_paths.package_file("llama_models", "llama4/tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def llama4(llama4_path):
-    return Tokenizer(llama4_path)
+llama4, llama4_path = tokenizer_paths.llama4, tokenizer_paths.llama4_path
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[Heal
 FORMATS = ["json", "function_tag", "python_list"]
 
 
-@pytest.fixture(scope="session")
-def llama4_path():
-    return tokenizer_paths.package_file("llama_models", "llama4/tokenizer.model")
-
-
-@pytest.fixture(scope="session")
-def llama4(llama4_path):
-    return Tokenizer(llama4_path)
+llama4, llama4_path = tokenizer_paths.llama4, tokenizer_paths.llama4_path
 
 
 @pytest.fixture(scope="session", params=["llama3", "llama4"])

@@ -28,6 +28,12 @@ def llama3_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llama4_path() -> Path:
+    """Meta's Llama 4 tokenizer.model (tiktoken BPE, 200000 ranks), shipped in llama-models."""
+    return package_file("llama_models", "llama4/tokenizer.model")
+
+
+@pytest.fixture(scope="session")
 def llama2_path() -> Path:
     """A Llama 2-style SentencePiece model (32000 pieces, <s> = 1, </s> = 2), shipped in mistral-common."""
     return package_file("mistral_common", "data/tokenizer.model.v1")
@@ -43,6 +49,11 @@ def byte_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama3(llama3_path) -> Tokenizer:
     return Tokenizer(llama3_path)
+
+
+@pytest.fixture(scope="session")
+def llama4(llama4_path) -> Tokenizer:
+    return Tokenizer(llama4_path)
 
 
 @pytest.fixture(scope="session")
