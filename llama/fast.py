@@ -9,7 +9,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 import kernels
-from llama.model import Transformer, apply_rotary_emb, onednn_matmuls
+from llama.model import Transformer, apply_rotary_emb
 
 
 class Linear(nn.Module):
@@ -63,8 +63,7 @@ def compile_decode(model: Transformer) -> Transformer:
     def forward(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         if tokens.shape[1] != 1:
             return eager(tokens, start_pos, last_only)
-        # The model turns oneDNN off for one-token matmuls; a compiled graph does not replay that switch.
-        with torch.inference_mode(), onednn_matmuls(enabled=tokens.numel() > 1):
+        with torch.inference_mode():
             return compiled(tokens, start_pos, last_only)
 
     model.forward = forward

@@ -5,9 +5,8 @@ consolidated.NN.pth. Linear layers are fairscale's model-parallel ones; with one
 """
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
@@ -95,17 +94,6 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (bs, seqlen, n_heads, head_dim / 2)
     rotated = pairs * torch.view_as_complex(freqs_cis)[None, :, None, :]
     return torch.view_as_real(rotated).flatten(-2).type_as(x)
-
-
-@contextmanager
-def onednn_matmuls(enabled: bool) -> Iterator[None]:
-    """Let PyTorch use oneDNN for CPU matmuls (its default), or not, within the block."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = enabled
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
 
 
 def _keep(w: torch.Tensor) -> torch.Tensor:
@@ -233,12 +221,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
         self.freqs_cis = self.freqs_cis.to(h.device)  # no-op once it is there
         freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-        # One token in all (decoding at batch 1): each weight matrix meets one row of activations. On CPU,
-        # ATen's own bfloat16 matrix-vector product reads the weights up to 2x faster than oneDNN's, which
-        # PyTorch picks otherwise; see benchmarks/bench_generate.py. (CUDA and float32 ignore the switch.)
-        with onednn_matmuls(enabled=bsz * seqlen > 1):
-            for layer in self.layers:
-                h = layer(h, start_pos, freqs_cis)
-            if last_only:
-                h = h[:, -1:]
-            return self.output(self.norm(h)).float()  # (bs, seqlen or 1, vocab_size)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()  # (bs, seqlen or 1, vocab_size)

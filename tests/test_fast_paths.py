@@ -1,15 +1,11 @@
-"""The fast paths give the plain path's greedy tokens: ATen's GEMV for one-token decoding (instead of
-oneDNN), the float32 decode attention over the heads-first KV cache (read in place, never repeated per
-head), and torch.compile of the decode step (llama/fast.py), plain and int8, and the step that CUDA graphs
-record (the position in a tensor), here on the CPU."""
-
-from contextlib import nullcontext
+"""The fast paths give the plain path's greedy tokens: the float32 decode attention over the heads-first KV
+cache (read in place, never repeated per head), torch.compile of the decode step (llama/fast.py), plain and
+int8, and the step that CUDA graphs record (the position in a tensor), here on the CPU."""
 
 import pytest
 import torch
 from generation_helpers import greedy, teacher_forced, write_tiny
 
-import llama.model
 from kernels import fallback
 from llama import Llama
 from llama.fast import compile_decode, decode_step
@@ -47,29 +43,6 @@ def build(dtype: torch.dtype, std: float = 0.02, seed: int = 0, max_batch_size: 
     model.load_state_dict(state, strict=True, assign=True)
     model.setup_caches(torch.device("cpu"), dtype)
     return model.eval()
-
-
-def test_aten_gemv_for_one_token_gives_the_greedy_tokens_of_onednn(monkeypatch):
-    # bfloat16 on CPU: one token in all switches oneDNN off so that ATen's GEMV runs. std 0.5: peaked
-    # logits, so that the two kernels' rounding cannot flip a near-tie.
-    model = build(torch.bfloat16, std=0.5, max_batch_size=1)
-    prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
-    switched = []
-    real_switch = llama.model.onednn_matmuls
-
-    def recording_switch(enabled: bool):
-        switched.append(enabled)
-        return real_switch(enabled)
-
-    monkeypatch.setattr(llama.model, "onednn_matmuls", recording_switch)
-    fast_tokens, fast_logits = greedy(model, prompt, 24)
-    assert switched == [True] + [False] * 23  # the prompt with oneDNN, each decoded token without
-    assert torch.backends.mkldnn.enabled  # switched back
-
-    monkeypatch.setattr(llama.model, "onednn_matmuls", lambda enabled: nullcontext())
-    plain_tokens, plain_logits = greedy(model, prompt, 24)
-    assert torch.equal(fast_tokens, plain_tokens)
-    torch.testing.assert_close(fast_logits, plain_logits, rtol=0, atol=0.05 * plain_logits.std().item())
 
 
 def test_decode_attention_reads_the_kv_cache_in_place_at_any_batch_size():
