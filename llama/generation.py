@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
+from llama.cpu import choose_cpu_matmul
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
 from llama.quantize import quantize_int8
@@ -155,6 +156,7 @@ class Llama:
         model = build_transformer(ckpt_dir, args, device, dtype, rank, world)
         if quantize == "int8":
             model = quantize_int8(model)
+        model = choose_cpu_matmul(model)  # bfloat16 on a CPU: the faster of two matrix-product paths, measured
         if compile:
             model = cuda_graph_decode(model) if device.type == "cuda" else compile_decode(model)
         return Llama(model, tokenizer, seed=seed)
