@@ -2,7 +2,9 @@
 own weights, PyTorch's F.linear on the weight as it is, or oneDNN on the weight packed once into its blocked
 layout. No process-wide setting is read or changed; the choice lives in the model's layers."""
 
+import ctypes
 import math
+import mmap
 import time
 
 import torch
@@ -47,6 +49,18 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
+def release(weight: torch.Tensor) -> None:
+    """Let the kernel drop the pages of a weight that was packed. A checkpoint mapped from disk (torch.load's
+    mmap) stays mapped while the model holds any of its tensors (the embedding), so the pages packing read
+    would otherwise stay resident beside the packed copy. madvise MADV_PAGEOUT (Linux 5.4+) is only a hint:
+    file pages are read again if touched, anonymous ones swapped out, never lost; elsewhere it does nothing."""
+    start = -(-weight.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside the weight only
+    end = (weight.data_ptr() + weight.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    madvise = getattr(ctypes.CDLL(None), "madvise", None)
+    if end > start and madvise is not None:
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 21)  # 21: MADV_PAGEOUT
+
+
 def faster(a, b, x: torch.Tensor, a_weights: list, b_weights: list) -> bool:
     """Whether products a(x, w) over a_weights take less time than b(x, w) over b_weights: the fastest of three
     passes each, taken in turn so that a busy moment on a shared machine hits both alike, after a warm-up."""
@@ -82,6 +96,6 @@ def choose_cpu_matmul(model: nn.Module) -> nn.Module:
             use_packed = faster(packed_linear, F.linear, x, packed, sample)
         model.cpu_matmul[shape] = "packed" if use_packed else "F.linear"
         for i, (parent, name, layer) in enumerate(layers if use_packed else []):
-            # one layer at a time, so that each weight as it was can be freed before the next is packed
             setattr(parent, name, PackedLinear(layer, packed[i] if i < len(packed) else pack(layer.weight)))
+            release(layer.weight)
     return model
