@@ -8,11 +8,15 @@ Measures, for each system and batch size: time to first token and prefill tokens
 --prompt_len tokens, decode tokens/s over --new_tokens tokens (greedy), and peak memory. Systems: "ours"
 (Transformer.forward with the KV cache, one token at a time with last_only, argmax, as Llama.generate
 does), "compiled" (llama.fast.compile_decode), "graphs" (CUDA graphs, llama.fast.cuda_graph_decode; GPU
-only), "int8" (llama.quantize), "int8+compiled", "int8+graphs", "hf"
-(transformers' LlamaForCausalLM holding the same weights, through its own generate, greedy,
-min_new_tokens = max_new_tokens), and "generate" (Llama.generate, timed against ours' bare loop). Also
-measures the memory bandwidth this machine reaches reading a large weight matrix, which bounds decoding:
-each token reads every weight once, so tokens/s <= bandwidth / bytes read per step.
+only), "int8" (llama.quantize), "int8+compiled", "int8+graphs", each built as Llama.build builds it
+(llama.cpu.choose_cpu_matmul on a CPU); "F.linear" (ours with every product left to PyTorch's F.linear, as
+gpt-fast's eager decoding and transformers run them); "hf" (transformers' LlamaForCausalLM holding the
+same weights, through its own generate, greedy, min_new_tokens = max_new_tokens); "meta" (Meta's reference
+model, llama_models.llama3.model from the llama-models package, same weights, driven by the loop "ours"
+runs; it computes logits for every prompt position, as it does in Meta's generate); and "generate"
+(Llama.generate, timed against ours' bare loop). Also measures the memory bandwidth this machine reaches
+reading a large weight matrix, which bounds decoding: each token reads every weight once, so tokens/s <=
+bandwidth / bytes read per step. Prints the CPU and the matrix-product path the library chose per shape.
 """
 
 import argparse
@@ -32,7 +36,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama.model import ModelArgs, Transformer, onednn_matmuls  # noqa: E402
+from llama.checkpoint import model_args  # noqa: E402
+from llama.cpu import PackedLinear, choose_cpu_matmul, packed_linear  # noqa: E402
+from llama.model import ModelArgs, Transformer  # noqa: E402
 from llama.tiny import random_state_dict  # noqa: E402
 
 # params.json of Meta's releases. Llama 3.2 1B and 3B tie the output projection to the embedding.
@@ -114,13 +120,18 @@ class RunMemory:
 
 def tensor_bytes(module: torch.nn.Module) -> int:
     """Bytes of the distinct storages of a module's parameters and buffers (shared ones counted once)."""
-    seen, total = set(), 0
+    seen, total = set(), packed_bytes(module)
     for t in list(module.parameters()) + list(module.buffers()):
         key = (t.untyped_storage().data_ptr(), t.device)
         if key not in seen:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+def packed_bytes(module: torch.nn.Module) -> int:
+    """Bytes of llama.cpu's packed weights (oneDNN tensors: no storage to look at, and not parameters)."""
+    return sum(m.packed.numel() * m.packed.element_size() for m in module.modules() if isinstance(m, PackedLinear))
 
 
 @dataclass
@@ -146,6 +157,40 @@ def build_ours(args: ModelArgs, state: dict, device: torch.device, dtype: torch.
         model.output.weight = model.tok_embeddings.weight
     model.setup_caches(device, dtype)
     return model.eval()
+
+
+def build_meta(args: ModelArgs, state: dict, device: torch.device, dtype: torch.dtype):
+    """Meta's reference Transformer (llama_models.llama3.model) holding the same weights. Its KV cache and
+    RoPE table are plain attributes, made here on the device, as its own __init__ would without .cuda()."""
+    from llama_models.llama3 import model as meta
+
+    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size")}
+    params |= {k: getattr(args, k) for k in ("multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")}
+    margs = meta.ModelArgs(**params, use_scaled_rope=args.use_scaled_rope, max_seq_len=args.max_seq_len,
+                           max_batch_size=args.max_batch_size)  # fmt: skip
+    with torch.device("meta"):
+        model = meta.Transformer(margs)
+    w = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    w.setdefault("output.weight", w["tok_embeddings.weight"])  # tied: the same tensor
+    model.load_state_dict(w, strict=True, assign=True)
+    head_dim = args.dim // args.n_heads
+    for layer in model.layers:
+        attn = layer.attention
+        shape = (args.max_batch_size, args.max_seq_len, attn.n_local_kv_heads, head_dim)
+        attn.cache_k = torch.zeros(shape, device=device, dtype=dtype)
+        attn.cache_v = torch.zeros(shape, device=device, dtype=dtype)
+    with torch.device(device):
+        model.freqs_cis = meta.precompute_freqs_cis(
+            head_dim, args.max_seq_len * 2, args.rope_theta, args.use_scaled_rope
+        )
+    return model.eval()
+
+
+def meta_step_fn(model: torch.nn.Module) -> Callable:
+    def step(tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+        return model(tokens, start_pos)[:, -1:].argmax(dim=-1)
+
+    return step
 
 
 def ours_step_fn(model: torch.nn.Module) -> Callable:
@@ -184,10 +229,8 @@ def build_hf(args: ModelArgs, state: dict, device: torch.device, dtype: torch.dt
 
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.use_scaled_rope:
-        from llama.model import rope_scaling_factor
-
         rope = dict(
-            rope_type="llama3", rope_theta=args.rope_theta, factor=rope_scaling_factor(args),
+            rope_type="llama3", rope_theta=args.rope_theta, factor=args.rope_scaling_factor,
             low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192,
         )  # fmt: skip
     tied = "output.weight" not in state
@@ -314,10 +357,17 @@ def bandwidth_probes(dtype: torch.dtype, device: torch.device, gib: float = 1.0)
     nbytes = weight.numel() * weight.element_size()
     name = f"GEMV {str(dtype).removeprefix('torch.')}"
     if device.type == "cpu":
-        with onednn_matmuls(enabled=True):
-            results[name + " oneDNN"] = timed(lambda: F.linear(x, weight), nbytes)
-        with onednn_matmuls(enabled=False):
+        results[name + " oneDNN"] = timed(lambda: F.linear(x, weight), nbytes)  # PyTorch's default
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        results[name + " packed"] = timed(lambda: packed_linear(x, packed), nbytes)  # llama.cpu's
+        del packed
+        # ATen's own kernel, which PyTorch reaches only with oneDNN switched off for the whole process (the
+        # library never does that); a bound on what this CPU can read, taken here in the benchmark's process.
+        torch.backends.mkldnn.enabled = False
+        try:
             results[name + " ATen"] = timed(lambda: F.linear(x, weight), nbytes)
+        finally:
+            torch.backends.mkldnn.enabled = True
     else:
         results[name] = timed(lambda: F.linear(x, weight), nbytes)
     return results
@@ -326,7 +376,7 @@ def bandwidth_probes(dtype: torch.dtype, device: torch.device, gib: float = 1.0)
 def bytes_per_step(model: torch.nn.Module, args: ModelArgs, batch: int, context: int, kv_dtype: torch.dtype) -> int:
     """Bytes one decode step reads: every weight but the embedding table (one row per token), plus the KV cache."""
     embedding = model.tok_embeddings.weight
-    seen, total = {embedding.untyped_storage().data_ptr()}, 0
+    seen, total = {embedding.untyped_storage().data_ptr()}, packed_bytes(model)
     if getattr(model.output, "weight", None) is embedding:
         seen = set()  # tied: the output projection reads the whole table
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
@@ -355,7 +405,9 @@ def machine(device: torch.device) -> str:
     try:
         with open("/proc/cpuinfo") as f:
             have = next(line for line in f if line.startswith("flags")).split()
-        flags = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have)
+        flags = " ".join(
+            f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in have
+        )
     except (OSError, StopIteration):
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -374,9 +426,9 @@ def main() -> None:
     p.add_argument("--batch_sizes", default="1,4")
     p.add_argument(
         "--systems",
-        default="ours,compiled,int8,int8+compiled,hf,generate",
-        help="any of ours,compiled,graphs,int8,int8+compiled,int8+graphs,hf,generate (Llama.generate against "
-        "the bare loop); graphs (CUDA graphs, llama.fast.cuda_graph_decode) only on a GPU",
+        default="ours,compiled,int8,int8+compiled,F.linear,hf,meta,generate",
+        help="any of ours,compiled,graphs,int8,int8+compiled,int8+graphs,F.linear,hf,meta,generate (Llama.generate "
+        "against the bare loop); graphs (CUDA graphs, llama.fast.cuda_graph_decode) only on a GPU",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system and batch size (medians)")
     p.add_argument("--device", default="auto")
@@ -396,7 +448,8 @@ def main() -> None:
     params = dict(SHAPES[opts.model])
     if opts.layers:
         params["n_layers"] = opts.layers
-    args = ModelArgs(**params, max_seq_len=opts.prompt_len + opts.new_tokens, max_batch_size=max(batches))
+    # as params.json is read: the Llama 3.2 1B/3B shapes get their RoPE factor of 32
+    args = model_args(params, max_seq_len=opts.prompt_len + opts.new_tokens, max_batch_size=max(batches))
 
     from llama.generation import init_distributed
 
@@ -409,7 +462,9 @@ def main() -> None:
     built: dict[str, object] = {}
     step_fns: dict[str, Callable] = {}
     compile_s: dict[str, float] = {}
-    ours = build_ours(args, state, device, dtype)
+    t = time.perf_counter()
+    ours = choose_cpu_matmul(build_ours(args, state, device, dtype))  # as Llama.build does
+    chose_s = time.perf_counter() - t
     if "ours" in systems or "generate" in systems:
         built["ours"] = ours
         step_fns["ours"] = ours_step_fn(ours)
@@ -421,7 +476,7 @@ def main() -> None:
     if "compiled" in systems or "int8+compiled" in systems:
         from llama.fast import compile_decode
     if "compiled" in systems:
-        built["compiled"] = compile_decode(build_ours(args, state, device, dtype))  # same weights, own cache
+        built["compiled"] = compile_decode(choose_cpu_matmul(build_ours(args, state, device, dtype)))
         step_fns["compiled"] = ours_step_fn(built["compiled"])
     if "int8+compiled" in systems:
         from llama.quantize import quantize_int8
@@ -436,15 +491,22 @@ def main() -> None:
             model = build_ours(args, state, device, dtype)
             built[name] = cuda_graph_decode(quantize_int8(model) if "int8" in name else model)
             step_fns[name] = ours_step_fn(built[name])
+    if "F.linear" in systems:
+        built["F.linear"] = build_ours(args, state, device, dtype)  # same weights, own cache
+        step_fns["F.linear"] = ours_step_fn(built["F.linear"])
     if "hf" in systems:
         built["hf"] = build_hf(args, state, device, dtype)
+    if "meta" in systems:
+        built["meta"] = build_meta(args, state, device, dtype)
+        step_fns["meta"] = meta_step_fn(built["meta"])
     llama = make_llama(ours) if "generate" in systems else None
 
     probes: list[dict[str, float]] = []
     timings: dict[tuple[str, int], Timing] = {}
     gen_times: dict[int, list] = {}
     prompts = {b: torch.randint(0, args.vocab_size, (b, opts.prompt_len), device=device) for b in batches}
-    names = [s for s in ("ours", "compiled", "graphs", "int8", "int8+compiled", "int8+graphs", "hf") if s in built]
+    all_names = ("ours", "compiled", "graphs", "int8", "int8+compiled", "int8+graphs", "F.linear", "hf", "meta")
+    names = [s for s in all_names if s in built]
 
     def run(name: str, b: int, new_tokens: int) -> tuple[float, float]:
         if name == "hf":
@@ -488,6 +550,9 @@ def main() -> None:
     best_probe = max(med_probes, key=med_probes.get)
     context = opts.prompt_len + opts.new_tokens // 2
     print(f"# machine: {machine(device)}")
+    if device.type == "cpu":
+        paths = ", ".join(f"{o}x{i} {path}" for (o, i), path in ours.cpu_matmul.items()) or "F.linear (not bfloat16)"
+        print(f"# matrix products chosen by llama.cpu.choose_cpu_matmul in {chose_s:.2f} s: {paths}")
     print(
         f"# {opts.model}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; {dtype}; prompt "
         f"{opts.prompt_len} tokens, {opts.new_tokens} new tokens (greedy); medians of {opts.repeats} runs; "
@@ -516,8 +581,8 @@ def main() -> None:
             prefill = b * opts.prompt_len / ttft
             decode = b / statistics.median(tm.steps)
             model = built[name]
-            if name == "hf":
-                step_bytes = bytes_per_step(built["ours"] if "ours" in built else ours, args, b, context, dtype)
+            if name in ("hf", "meta"):  # the same weights: the bytes the plain model reads
+                step_bytes = bytes_per_step(ours, args, b, context, dtype)
             else:
                 step_bytes = bytes_per_step(model, args, b, context, dtype)
             roof = b * bandwidth * 1e9 / step_bytes

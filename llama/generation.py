@@ -11,6 +11,7 @@ import torch
 
 from llama.chat_format import ChatFormat, Dialog, Message, StopReason, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
+from llama.cpu import choose_cpu_matmul
 from llama.distributed import DTYPES, default_device, default_dtype, init_distributed  # noqa: F401
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
@@ -96,6 +97,7 @@ class Llama:
         model = build_transformer(ckpt_dir, args, device, dtype, rank, world)
         if quantize == "int8":
             model = quantize_int8(model)
+        model = choose_cpu_matmul(model)  # bfloat16 on a CPU: the faster of two matrix-product paths, measured
         if compile:
             model = cuda_graph_decode(model) if device.type == "cuda" else compile_decode(model)
         return Llama(model, tokenizer, seed=seed)

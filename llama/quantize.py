@@ -5,12 +5,11 @@ load time; the model then reads half the bytes of bfloat16 per token. The layers
 communication of the fairscale layers they replace, so a sharded model quantizes rank by rank.
 """
 
-import fairscale.nn.model_parallel.initialize as fs_init
-import fairscale.nn.model_parallel.mappings as mp
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
+
+from llama.parallel import ParallelLinear, replace_linear_layers
 
 
 def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,17 +25,19 @@ def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     return q, scales
 
 
-class Int8Linear(nn.Module):
-    """y = x @ (int8 weight * scale)^T for this rank's shard of the weight, no bias (Llama has none)."""
+class Int8Linear(ParallelLinear):
+    """y = x @ (int8 weight * scale)^T for this rank's shard of the weight, no bias (Llama has none).
 
-    def __init__(self, linear: nn.Module):
-        super().__init__()
+    scratch: a dict that the model's int8 layers share, where prompts' products keep their conversion buffer.
+    """
+
+    def __init__(self, linear: nn.Module, scratch: dict):
+        super().__init__(linear)
         weight = linear.weight.detach()
         q, scales = quantize_rows(weight, weight.dtype)
         self.register_buffer("weight", q)  # (out_features_local, in_features_local)
         self.register_buffer("scales", scales)  # (out_features_local,), in the activations' dtype
-        # One rank: fairscale's communication is a no-op, but costs time and stops torch.compile; skip it.
-        self.parallel = fs_init.get_model_parallel_world_size() > 1
+        self.scratch = scratch
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         rows, in_features = x.shape[:-1].numel(), x.shape[-1]
@@ -49,56 +50,27 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(rows, in_features), self.weight, self.scales)
             return y.view(*x.shape[:-1], -1)
         if x.device.type == "cpu" and not torch.compiler.is_compiling():
-            return dequantize_in_blocks_matmul(x, self.weight) * self.scales
+            return dequantize_in_blocks_matmul(x, self.weight, self.scratch) * self.scales
         # Elsewhere (CUDA, under torch.compile): dequantize, then one dense matmul (torch.compile fuses the two).
         return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
-_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
-_SCRATCH_ELEMENTS = 1 << 24  # 32 MB in bfloat16
+SCRATCH_ELEMENTS = 1 << 24  # 32 MB in bfloat16
 
 
-def dequantize_in_blocks_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def dequantize_in_blocks_matmul(x: torch.Tensor, weight: torch.Tensor, scratch: dict) -> torch.Tensor:
     """x @ weight^T on the CPU for an int8 weight, converted to x's dtype a block of rows at a time into one
-    buffer that every layer reuses: a fresh tensor the size of the weight costs ten times more in page
-    faults than the conversion itself (prompts ran at half the bfloat16 speed that way)."""
-    scratch = _SCRATCH.get(x.dtype)
-    if scratch is None:
-        scratch = _SCRATCH[x.dtype] = torch.empty(_SCRATCH_ELEMENTS, dtype=x.dtype)
-    rows = max(1, _SCRATCH_ELEMENTS // weight.shape[1])
+    buffer per dtype, kept in scratch for the next layer: a fresh tensor the size of the weight costs ten times
+    more in page faults than the conversion itself (prompts ran at half the bfloat16 speed that way)."""
+    if x.dtype not in scratch:
+        scratch[x.dtype] = torch.empty(SCRATCH_ELEMENTS, dtype=x.dtype)
+    buffer = scratch[x.dtype]
+    rows = max(1, buffer.numel() // weight.shape[1])
     parts = []
     for start in range(0, weight.shape[0], rows):
         block = weight[start : start + rows]
-        parts.append(F.linear(x, scratch[: block.numel()].view(block.shape).copy_(block)))
+        parts.append(F.linear(x, buffer[: block.numel()].view(block.shape).copy_(block)))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-
-
-class Int8ColumnParallelLinear(Int8Linear):
-    def __init__(self, linear: ColumnParallelLinear):
-        super().__init__(linear)
-        self.gather_output = linear.gather_output
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As fairscale's ColumnParallelLinear: identity forward (all-reduce of gradients), local output
-        # features, gathered across ranks when asked.
-        if not self.parallel:
-            return self.matmul(x)
-        out = self.matmul(mp.copy_to_model_parallel_region(x))
-        return mp.gather_from_model_parallel_region(out) if self.gather_output else out
-
-
-class Int8RowParallelLinear(Int8Linear):
-    def __init__(self, linear: RowParallelLinear):
-        super().__init__(linear)
-        self.input_is_parallel = linear.input_is_parallel
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # As fairscale's RowParallelLinear: this rank's input features in, partial sums all-reduced out.
-        if not self.parallel:
-            return self.matmul(x)
-        if not self.input_is_parallel:
-            x = mp.scatter_to_model_parallel_region(x)
-        return mp.reduce_from_model_parallel_region(self.matmul(x))
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:
@@ -106,10 +78,5 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
     The embedding stays as it is (a lookup reads one row per token). Returns the model.
     """
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, ColumnParallelLinear):
-                setattr(parent, name, Int8ColumnParallelLinear(child))
-            elif isinstance(child, RowParallelLinear):
-                setattr(parent, name, Int8RowParallelLinear(child))
-    return model
+    scratch: dict = {}  # this model's: freed with it, never shared with another model
+    return replace_linear_layers(model, lambda linear: Int8Linear(linear, scratch))

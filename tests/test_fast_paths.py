@@ -1,7 +1,6 @@
-"""The fast paths give the plain path's greedy tokens: the float32 decode attention over the heads-first KV cache (read in place, never repeated per
-head), and torch.compile of the decode step (llama/fast.py), plain and int8, and the step that CUDA graphs
-record (the position in a tensor), here on the CPU."""
-
+"""The fast paths give the plain path's greedy tokens: the float32 decode attention over the heads-first KV
+cache (read in place, never repeated per head), torch.compile of the decode step (llama/fast.py), plain and
+int8, and the step that CUDA graphs record (the position in a tensor), here on the CPU."""
 
 import pytest
 import torch

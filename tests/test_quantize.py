@@ -199,15 +199,35 @@ if __name__ == "__main__":
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompts_dequantize_block_by_block_into_one_buffer(monkeypatch, dtype):
-    # A weight of 10 blocks of rows (the last one short), converted into the shared buffer in turn, gives
-    # the product with the whole weight converted at once, and reuses the buffer rather than allocating.
-    monkeypatch.setattr(llama.quantize, "_SCRATCH_ELEMENTS", 64 * 96)
-    monkeypatch.setattr(llama.quantize, "_SCRATCH", {})
+    # A weight of 10 blocks of rows (the last one short), converted into the buffer in turn, gives the
+    # product with the whole weight converted at once, and reuses the buffer rather than allocating.
+    monkeypatch.setattr(llama.quantize, "SCRATCH_ELEMENTS", 64 * 96)
     weight = torch.randint(-127, 128, (611, 96), dtype=torch.int8, generator=torch.Generator().manual_seed(5))
     x = torch.randn(3, 7, 96, generator=torch.Generator().manual_seed(6)).to(dtype)
-    got = llama.quantize.dequantize_in_blocks_matmul(x, weight)
-    buffer = llama.quantize._SCRATCH[dtype]
+    scratch = {}
+    got = llama.quantize.dequantize_in_blocks_matmul(x, weight, scratch)
+    buffer = scratch[dtype]
     assert got.shape == (3, 7, 611)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, weight.to(dtype)), rtol=1e-6, atol=1e-5)
-    llama.quantize.dequantize_in_blocks_matmul(x, weight)
-    assert llama.quantize._SCRATCH[dtype] is buffer and buffer.numel() == 64 * 96
+    llama.quantize.dequantize_in_blocks_matmul(x, weight, scratch)
+    assert scratch[dtype] is buffer and buffer.numel() == 64 * 96
+
+
+def test_each_quantized_model_has_its_own_buffer_freed_with_it():
+    # No module-level state: two models never share the prompts' conversion buffer (nor a thread's
+    # model another's), and a model's buffer goes when the model does.
+    import gc
+    import weakref
+
+    state = weights(seed=7)
+    tokens = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(7))
+    a, b = quantize_int8(build(state, torch.bfloat16)), quantize_int8(build(state, torch.bfloat16))
+    a(tokens, 0), b(tokens, 0)
+    buffers = [
+        {id(m.scratch[torch.bfloat16]) for m in model.modules() if isinstance(m, Int8Linear)} for model in (a, b)
+    ]
+    assert len(buffers[0]) == len(buffers[1]) == 1 and buffers[0] != buffers[1]
+    freed = weakref.ref(a.output.scratch[torch.bfloat16])
+    del a
+    gc.collect()
+    assert freed() is None
