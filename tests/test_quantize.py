@@ -231,3 +231,34 @@ def test_each_quantized_model_has_its_own_buffer_freed_with_it():
     del a
     gc.collect()
     assert freed() is None
+
+
+LLAMA4 = dict(PARAMS, ffn_exp=2.0, ffn_dim_multiplier=1.2, moe_args=dict(num_experts=4, top_k=1), nope_layer_interval=4,
+              use_qk_norm=True, attention_chunk_size=32, attn_temperature_tuning=True, floor_scale=16.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama4_experts_become_int8_and_stay_within_the_stated_bound(dtype):
+    # The experts hold most of a Llama 4's weights; the router stays as it is (it picks, it is not multiplied
+    # through), so tokens go to the experts they went to before.
+    args = ModelArgs(**LLAMA4, max_seq_len=128, max_batch_size=2)
+    state = random_state_dict(args, seed=2, std=0.02, dtype=torch.float32)
+    with torch.device("meta"):
+        plain, quantized = Transformer(args), Transformer(args)
+    for model in (plain, quantized):
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        model.setup_caches(torch.device("cpu"), dtype)
+    quantize_int8(quantized)
+    experts = [layer.feed_forward.experts for layer in quantized.layers]
+    assert all(isinstance(e, llama.quantize.Int8Experts) for e in experts)
+    assert all(e.w1.dtype == e.w2.dtype == e.w3.dtype == torch.int8 for e in experts)
+    tokens = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(2))
+    expected = plain(tokens[:, :90], 0)
+    got = quantized(tokens[:, :90], 0)  # a prompt, then decoding (ATen's int8 kernel for the experts)
+    expected = torch.cat([expected] + [plain(tokens[:, p : p + 1], p) for p in range(90, 100)], dim=1)
+    got = torch.cat([got] + [quantized(tokens[:, p : p + 1], p) for p in range(90, 100)], dim=1)
+    scale, diff = expected.std(), got - expected
+    assert diff.abs().max() <= MAX_DIFF * scale
+    assert diff.pow(2).mean().sqrt() <= RMS_DIFF * scale
+    assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= AGREE
+    assert diff.abs().max() > 1e-3 * scale
