@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from torch import nn
 
+from llama.moe import Experts, MoE
 from llama.parallel import ParallelLinear
 
 # Enough weights per timed pass to read far more than a CPU's caches hold, as a decode step does.
@@ -75,27 +76,56 @@ def faster(a, b, x: torch.Tensor, a_weights: list, b_weights: list) -> bool:
     return best[id(a_weights)] < best[id(b_weights)]
 
 
+class PackedExperts(nn.Module):
+    """llama/moe.py's Experts with each expert's matrices packed into oneDNN's layout (nn.Linear orientation)."""
+
+    def __init__(self, experts: nn.Module):
+        super().__init__()
+        self.packed = [[pack(getattr(experts, n)[e].mT) for n in ("w1", "w2", "w3")] for e in range(len(experts.w1))]
+        for name in ("w1", "w2", "w3"):
+            release(getattr(experts, name))
+
+    def forward(self, x_aD: torch.Tensor, e: int) -> torch.Tensor:
+        w1, w2, w3 = self.packed[e]
+        return packed_linear(F.silu(packed_linear(x_aD, w1)) * packed_linear(x_aD, w3), w2)
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for i, name in enumerate(("w1", "w2", "w3")):  # Meta's keys and shapes
+            destination[prefix + name] = torch.stack([p[i].to_dense() for p in self.packed]).mT
+
+
 def choose_cpu_matmul(model: nn.Module) -> nn.Module:
-    """For each shape of bfloat16 CPU weight among model's Column/RowParallelLinear layers, time one-row products
-    (a decode step's) over some of those layers' own weights, as they are and packed, and swap the layers of
-    that shape for PackedLinear where packed is faster; in place. model.cpu_matmul records the choices."""
+    """For each shape of bfloat16 CPU weight among model's Column/RowParallelLinear layers and Llama 4's experts,
+    time one-row products (a decode step's) over some of the model's own weights of that shape, as they are and
+    packed, and swap the layers of that shape for PackedLinear where packed is faster (the experts for
+    PackedExperts where both their shapes are); in place. model.cpu_matmul records the choices."""
     shapes: dict[tuple, list] = {}  # weight shape -> [(parent module, attribute name, layer)]
+    matrices: dict[tuple, list] = {}  # weight shape -> weights of that shape, as nn.Linear holds them
+    experts = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, Experts)]
     for parent in list(model.modules()):
         for name, layer in parent.named_children():
             if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
                 shapes.setdefault(tuple(layer.weight.shape), []).append((parent, name, layer))
+                matrices.setdefault(tuple(layer.weight.shape), []).append(layer.weight)
+    for moe in experts:
+        for w in (moe.experts.w1, moe.experts.w2):
+            matrices.setdefault(tuple(w.shape[:0:-1]), []).extend(w.mT)
     model.cpu_matmul = {}
-    for shape, layers in shapes.items():
-        weight = layers[0][2].weight
+    for shape, weights in matrices.items():
+        weight = weights[0]
         if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
             continue  # float32 products run MKL's kernels, not oneDNN's
-        sample = [layer.weight for _, _, layer in layers[: math.ceil(TIMED_BYTES / weight.nbytes)]]
+        sample = weights[: math.ceil(TIMED_BYTES / weight.nbytes)]
         packed = [pack(w) for w in sample]
         x = torch.ones(1, shape[1], dtype=weight.dtype)
         with torch.inference_mode():
             use_packed = faster(packed_linear, F.linear, x, packed, sample)
         model.cpu_matmul[shape] = "packed" if use_packed else "F.linear"
-        for i, (parent, name, layer) in enumerate(layers if use_packed else []):
+        for i, (parent, name, layer) in enumerate(shapes.get(shape, []) if use_packed else []):
             setattr(parent, name, PackedLinear(layer, packed[i] if i < len(packed) else pack(layer.weight)))
             release(layer.weight)
+    for moe in experts:
+        w1, w2 = moe.experts.w1, moe.experts.w2
+        if model.cpu_matmul.get(tuple(w1.shape[:0:-1])) == model.cpu_matmul.get(tuple(w2.shape[:0:-1])) == "packed":
+            moe.experts = PackedExperts(moe.experts)
     return model

@@ -170,3 +170,29 @@ def _rank_main(ckpt_dir: str, tokens_path: str, out_path: str) -> None:
 
 if __name__ == "__main__":
     _rank_main(*sys.argv[1:])
+
+
+@pytest.mark.parametrize("winner", ["packed", "F.linear"])
+def test_llama4_experts_follow_the_choice_and_keep_the_logits_and_state_dict(monkeypatch, winner):
+    monkeypatch.setattr(llama.cpu, "faster", measured(winner))
+    params = dict(PARAMS, n_layers=2, ffn_exp=2.0, ffn_dim_multiplier=1.2, moe_args=dict(num_experts=4, top_k=1),
+                  nope_layer_interval=2, attention_chunk_size=8)  # fmt: skip
+    args = ModelArgs(**params, max_seq_len=64, max_batch_size=2)
+    state = random_state_dict(args, seed=3, std=0.5, dtype=torch.bfloat16)
+
+    def build4() -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(args)
+        model.load_state_dict(state, strict=True, assign=True)
+        model.setup_caches(torch.device("cpu"), torch.bfloat16)
+        return model.eval()
+
+    plain, chosen = build4(), choose_cpu_matmul(build4())
+    experts = [layer.feed_forward.experts for layer in chosen.layers]
+    assert all(isinstance(e, llama.cpu.PackedExperts) == (winner == "packed") for e in experts)
+    tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(3))
+    want, got = plain(tokens, 0), chosen(tokens, 0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.05 * want.std().item())
+    got_state = chosen.state_dict()
+    assert got_state.keys() == plain.state_dict().keys()
+    assert all(torch.equal(got_state[k], v) for k, v in state.items())
