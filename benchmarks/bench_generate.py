@@ -37,8 +37,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.checkpoint import model_args  # noqa: E402
-from llama.cpu import PackedLinear, choose_cpu_matmul, packed_linear  # noqa: E402
+from llama.cpu import PackedExperts, PackedLinear, choose_cpu_matmul, packed_linear  # noqa: E402
 from llama.model import ModelArgs, Transformer  # noqa: E402
+from llama.moe import MoE  # noqa: E402
 from llama.tiny import random_state_dict  # noqa: E402
 
 # params.json of Meta's releases. Llama 3.2 1B and 3B tie the output projection to the embedding.
@@ -64,6 +65,16 @@ SHAPES = {
     "llama3.2-3b": dict(
         dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, vocab_size=128256, ffn_dim_multiplier=1.0,
         multiple_of=256, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True,
+    ),
+    # Llama 4 Scout's layout scaled down to fit this kind of machine beside transformers' copy: 16 experts, top-1,
+    # a shared expert, MoE in every layer, NoPE every 4th layer, chunked attention, QK norm, scaled RoPE (Scout:
+    # dim 5120, 48 layers, 40 heads, F 8192, vocab 202048). A 32K vocabulary, so that the output projection
+    # takes about the share of a step it takes in Scout, not most of it.
+    "llama4-scout-small": dict(
+        dim=2048, n_layers=4, n_heads=16, n_kv_heads=8, vocab_size=32768, multiple_of=256, ffn_dim_multiplier=1.2,
+        ffn_exp=4.0, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True,
+        moe_args=dict(num_experts=16, top_k=1, interleave_moe_layer_step=1), nope_layer_interval=4,
+        use_qk_norm=True, attention_chunk_size=8192, attn_temperature_tuning=True,
     ),
 }  # fmt: skip
 TIED = ("llama3.2-1b", "llama3.2-3b")
@@ -129,9 +140,15 @@ def tensor_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def packed_bytes(module: torch.nn.Module) -> int:
-    """Bytes of llama.cpu's packed weights (oneDNN tensors: no storage to look at, and not parameters)."""
-    return sum(m.packed.numel() * m.packed.element_size() for m in module.modules() if isinstance(m, PackedLinear))
+def packed_bytes(module: torch.nn.Module, batch: int = 0) -> int:
+    """Bytes of llama.cpu's packed weights (oneDNN tensors: no storage to look at, and not parameters); with a
+    batch, those of the experts that many tokens can be routed to (top_k each), the active ones."""
+    total = sum(m.packed.numel() * m.packed.element_size() for m in module.modules() if isinstance(m, PackedLinear))
+    for m in module.modules():
+        if isinstance(m, MoE) and isinstance(m.experts, PackedExperts):
+            per_expert = sum(p.numel() * p.element_size() for p in m.experts.packed[0])
+            total += per_expert * (len(m.experts.packed) if not batch else min(len(m.experts.packed), batch * m.top_k))
+    return total
 
 
 @dataclass
@@ -220,12 +237,17 @@ def run_ours(step: Callable, prompt: torch.Tensor, new_tokens: int, device: torc
 
 
 def build_hf(args: ModelArgs, state: dict, device: torch.device, dtype: torch.dtype):
-    """transformers' LlamaForCausalLM holding the same weights (shared with `state` where the layout agrees)."""
+    """transformers' LlamaForCausalLM (Llama4ForCausalLM for a Llama 4 shape) holding the same weights (shared
+    with `state` where the layout agrees)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from hf_reference import permute_for_hf
+    from hf_reference import hf_llama4, permute_for_hf
+
+    if args.moe_args is not None:
+        with torch.device(device):
+            return hf_llama4(args, state, dtype)
 
     rope = {"rope_type": "default", "rope_theta": args.rope_theta}
     if args.use_scaled_rope:
@@ -374,19 +396,22 @@ def bandwidth_probes(dtype: torch.dtype, device: torch.device, gib: float = 1.0)
 
 
 def bytes_per_step(model: torch.nn.Module, args: ModelArgs, batch: int, context: int, kv_dtype: torch.dtype) -> int:
-    """Bytes one decode step reads: every weight but the embedding table (one row per token), plus the KV cache."""
+    """Bytes one decode step reads: every weight but the embedding table (one row per token) and the experts no
+    token is routed to (Llama 4: at most batch x top_k of them per layer), plus the KV cache."""
     embedding = model.tok_embeddings.weight
-    seen, total = {embedding.untyped_storage().data_ptr()}, packed_bytes(model)
+    seen, total = {embedding.untyped_storage().data_ptr()}, packed_bytes(model, batch)
+    moe = args.moe_args
+    active = min(moe.num_experts, batch * moe.top_k) / moe.num_experts if moe else 1.0
     if getattr(model.output, "weight", None) is embedding:
         seen = set()  # tied: the output projection reads the whole table
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if "cache" in name or t.untyped_storage().data_ptr() in seen:
             continue
         seen.add(t.untyped_storage().data_ptr())
-        total += t.numel() * t.element_size()
+        total += t.numel() * t.element_size() * (active if ".experts." in name else 1)
     head_dim = args.dim // args.n_heads
     kv = 2 * args.n_layers * args.n_kv_heads * head_dim * context * kv_dtype.itemsize
-    return total + batch * kv + batch * args.dim * embedding.element_size()
+    return int(total + batch * kv + batch * args.dim * embedding.element_size())
 
 
 # -- Main ------------------------------------------------------------------------------------------------------------
@@ -496,7 +521,9 @@ def main() -> None:
         step_fns["F.linear"] = ours_step_fn(built["F.linear"])
     if "hf" in systems:
         built["hf"] = build_hf(args, state, device, dtype)
-    if "meta" in systems:
+    if "meta" in systems and args.moe_args is not None:
+        print("# meta left out: the peer is Meta's Llama 3 reference model; its Llama 4 one runs only on CUDA")
+    elif "meta" in systems:
         built["meta"] = build_meta(args, state, device, dtype)
         step_fns["meta"] = meta_step_fn(built["meta"])
     llama = make_llama(ours) if "generate" in systems else None

@@ -61,7 +61,7 @@ def hf_model(args: ModelArgs, state: dict[str, torch.Tensor], rope_factor: float
     return model
 
 
-def hf_llama4(args: ModelArgs, state: dict):
+def hf_llama4(args: ModelArgs, state: dict, dtype: torch.dtype = torch.float32):
     """transformers' Llama4ForCausalLM with the same weights (its names: no q/k permutation for Llama 4;
     gate_up_proj is w1 and w3 side by side, router.weight is router_DE transposed)."""
     from transformers import Llama4ForCausalLM, Llama4TextConfig  # transformers 4.51+
@@ -127,7 +127,8 @@ def hf_llama4(args: ModelArgs, state: dict):
         hf[prefix + "gate_proj.weight"] = state[ff + "w1.weight"]
         hf[prefix + "up_proj.weight"] = state[ff + "w3.weight"]
         hf[prefix + "down_proj.weight"] = state[ff + "w2.weight"]
-    model = Llama4ForCausalLM(config).float().eval()
-    missing, unexpected = model.load_state_dict(hf, strict=False)
-    assert not unexpected and not missing, (missing, unexpected)
-    return model
+    with torch.device("meta"):  # no random initialisation: every weight is given
+        model = Llama4ForCausalLM(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in hf.items()}, strict=True, assign=True)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config)  # its buffers were made on the meta device
+    return model.eval()
