@@ -3,6 +3,7 @@ with fairscale's model-parallel groups (torchrun's, or a group of one for a plai
 
 import atexit
 import os
+from datetime import timedelta
 from typing import Optional
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -44,9 +45,7 @@ def init_distributed(model_parallel_size: Optional[int], device: torch.device) -
             dist.init_process_group(backend)
         else:  # plain `python script.py`: a group of one, no network needed
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        # Tear the group down before the interpreter does: gloo's threads otherwise can abort the exit
-        # ("terminate called without an active exception") after all the work is done.
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        atexit.register(_close_group)
     world = dist.get_world_size()
     if model_parallel_size is not None and (model_parallel_size < 1 or world % model_parallel_size):
         raise ValueError(
@@ -65,3 +64,17 @@ def init_distributed(model_parallel_size: Optional[int], device: torch.device) -
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
+
+
+def _close_group() -> None:
+    # Tear the group down before the interpreter does, once every rank is done (a barrier that gives up after a
+    # few seconds, e.g. when another rank has failed): gloo's threads otherwise can abort a finished process
+    # ("terminate called without an active exception") while another rank still talks to it.
+    if not dist.is_initialized():
+        return
+    if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=10))
+        except RuntimeError:
+            pass
+    dist.destroy_process_group()
