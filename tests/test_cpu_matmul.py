@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
-from generation_helpers import teacher_forced
+from generation_helpers import one_thread, teacher_forced  # noqa: F401 (a fixture)
 
 import llama.cpu
 from llama.cpu import PackedLinear, choose_cpu_matmul, pack, packed_linear
@@ -21,14 +21,7 @@ from llama.tiny import random_state_dict
 
 PARAMS = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=512, multiple_of=64, ffn_dim_multiplier=1.3)
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation_helpers': tiny products on a shared machine
 
 
 def build(dtype: torch.dtype = torch.bfloat16, std: float = 0.5, seed: int = 0) -> Transformer:
