@@ -79,7 +79,16 @@ class MoE(nn.Module):
         scores_aE = x_aD @ self.router_DE
         top_aK, experts_aK = torch.topk(scores_aE, self.top_k, dim=1)
         gates_aK = torch.sigmoid(top_aK.float()).type_as(x_aD)  # the other experts' gates are 0: they are skipped
+        routed_aD = self.routed(x_aD, experts_aK, gates_aK)
+        if fs_init.get_model_parallel_world_size() > 1:
+            routed_aD = reduce_from_model_parallel_region(routed_aD)  # each rank has a share of F
+        return (self.shared_expert(x_aD) + routed_aD).view(bs, slen, D)
 
+    # Which experts run depends on the data, so torch.compile would trace this anew for every routing it meets:
+    # it runs eagerly between the compiled parts.
+    @torch.compiler.disable
+    def routed(self, x_aD: torch.Tensor, experts_aK: torch.Tensor, gates_aK: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum for each token, this rank's share."""
         # Group the (token, expert) pairs by expert; one host sync tells how many tokens each expert has.
         order = experts_aK.flatten().argsort()
         counts = torch.bincount(experts_aK.flatten(), minlength=self.router_DE.shape[1]).tolist()
@@ -92,6 +101,4 @@ class MoE(nn.Module):
                 x_in = x_aD[tokens] * gates_aK.flatten()[pairs, None]  # the gate scales the expert's input
                 routed_aD.index_add_(0, tokens, self.experts(x_in, e))
                 start += n
-        if fs_init.get_model_parallel_world_size() > 1:
-            routed_aD = reduce_from_model_parallel_region(routed_aD)  # each rank has a share of F
-        return (self.shared_expert(x_aD) + routed_aD).view(bs, slen, D)
+        return routed_aD
