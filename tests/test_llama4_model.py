@@ -204,3 +204,17 @@ def test_compiled_decoding_across_chunk_boundaries_agrees_with_eager():
         expected = eager(tokens[:, p : p + 1], p)
         got = compiled(tokens[:, p : p + 1], p)
         torch.testing.assert_close(got, expected, atol=0.1 * expected.std().item(), rtol=0)
+
+
+def test_compiled_decoding_with_experts_gives_the_eager_logits():
+    # float32, where compiled and eager agree to rounding (in half precision a router near-tie could send a
+    # token elsewhere); the routed experts run eagerly between the compiled parts, whatever the routing.
+    from llama.fast import compile_decode
+
+    state = random_weights(ModelArgs(**SCOUT))
+    eager, compiled = build(SCOUT, state), compile_decode(build(SCOUT, state))
+    tokens = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(7))
+    for model in (eager, compiled):
+        model(tokens[:, :10], 0)
+    for p in range(10, 30):
+        torch.testing.assert_close(compiled(tokens[:, p : p + 1], p), eager(tokens[:, p : p + 1], p), atol=ATOL, rtol=0)
