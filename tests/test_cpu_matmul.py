@@ -2,14 +2,13 @@
 measurement, a packed model gives the plain model's greedy tokens (eager, under torch.compile, on two ranks)
 and its state dict, and nothing in a build or a forward touches a process-wide switch."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed import torchrun
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from generation_helpers import one_thread, teacher_forced  # noqa: F401 (a fixture)
 
@@ -130,13 +129,7 @@ def test_two_ranks_pack_their_shards_and_keep_the_communication(tmp_path):
     write_checkpoint(tmp_path / "ckpt", params, state, n_shards=2)
     tokens = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(4))
     torch.save(tokens, tmp_path / "tokens.pt")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
-    result = subprocess.run(
-        [*cmd, str(tmp_path / "ckpt"), str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
+    torchrun(2, [str(tmp_path / "ckpt"), str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")], Path(__file__))
     plain, packed = torch.load(tmp_path / "logits.pt", weights_only=True)
     # the same ranks and communication, F.linear or packed: bfloat16 sums of shards round as they did
     torch.testing.assert_close(packed, plain, rtol=0, atol=0.01 * plain.std().item())

@@ -8,13 +8,12 @@ difference <= 0.02 x it, and the argmax (greedy token) the same at >= 95% of pos
 0.03-0.05, rms 0.007-0.008, 98-100% equal, about as far as bfloat16 rounding alone moves float32 logits.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed import torchrun
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 import llama.quantize
@@ -161,13 +160,7 @@ def test_two_ranks_quantize_their_shards_and_keep_the_communication(tmp_path):
     write_checkpoint(tmp_path / "ckpt", PARAMS, state, n_shards=2)
     tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(4))
     torch.save(tokens, tmp_path / "tokens.pt")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
-    result = subprocess.run(
-        [*cmd, str(tmp_path / "ckpt"), str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-5000:]
+    torchrun(2, [str(tmp_path / "ckpt"), str(tmp_path / "tokens.pt"), str(tmp_path / "logits.pt")], Path(__file__))
     two_ranks = torch.load(tmp_path / "logits.pt", weights_only=True)
     plain = build(state, torch.float32)(tokens, 0)
     one_rank = quantize_int8(build(state, torch.float32))(tokens, 0)
