@@ -87,7 +87,7 @@ def sdpa_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) 
 
 
 def rms_norm_row(name: str, rows: int, bandwidth: float) -> str:
-    from kernels import fallback, triton_ops
+    from llama_kernels import fallback, triton_ops
 
     dim = MODELS[name][0]
     x = torch.randn(rows, dim, dtype=DTYPE, device="cuda")
@@ -124,7 +124,7 @@ def every_layer(
 
 
 def decode_row(name: str, bs: int, ctx: int, bandwidth: float) -> str:
-    from kernels import fallback, triton_ops
+    from llama_kernels import fallback, triton_ops
 
     dim, n_heads, n_kv, n_layers = MODELS[name]
     hd = dim // n_heads
@@ -163,7 +163,7 @@ def prefill_flops(ctx: int, n_heads: int, hd: int) -> int:
 
 
 def prefill_row(name: str, ctx: int, peak_flops: float) -> str:
-    from kernels import fallback, triton_ops
+    from llama_kernels import fallback, triton_ops
 
     dim, n_heads, n_kv, _ = MODELS[name]
     hd = dim // n_heads
@@ -190,7 +190,7 @@ PROGRAMS_PER_SM = [1, 2, 4]
 
 
 def sweep_prefill_row(name: str, ctx: int) -> str:
-    from kernels.triton_attention import attention_prefill
+    from llama_kernels.triton_attention import attention_prefill
 
     dim, n_heads, n_kv, _ = MODELS[name]
     hd = dim // n_heads
@@ -206,7 +206,7 @@ def sweep_prefill_row(name: str, ctx: int) -> str:
 
 
 def sweep_decode_row(name: str, ctx: int, bandwidth: float) -> str:
-    from kernels.triton_attention import attention_decode
+    from llama_kernels.triton_attention import attention_decode
 
     dim, n_heads, n_kv, n_layers = MODELS[name]
     hd = dim // n_heads

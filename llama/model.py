@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
+import llama_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
 from llama.moe import MoE, MoEArgs, moe_hidden_dim
 from llama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -100,8 +100,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # rms_norm(x), then times the weight (a Triton kernel on CUDA, kernels/)
-        return kernels.rms_norm(x, self.weight, self.eps)
+        # rms_norm(x), then times the weight (a Triton kernel on CUDA, kernels/llama_kernels/)
+        return llama_kernels.rms_norm(x, self.weight, self.eps)
 
 
 # Rotary position embeddings: each pair of features (2i, 2i+1) of a query or key at position p is rotated
@@ -215,7 +215,7 @@ class Attention(nn.Module):
         keys = self.cache_k[:bsz, :, :end].transpose(1, 2)  # (bs, end, n_local_kv_heads, head_dim), a view
         values = self.cache_v[:bsz, :, :end].transpose(1, 2)
         # Grouped-query attention: query head h reads KV head h // (n_heads // n_kv_heads), K/V not repeated.
-        return kernels.attention(xq, keys, values, slot)
+        return llama_kernels.attention(xq, keys, values, slot)
 
 
 def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:

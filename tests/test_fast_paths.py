@@ -5,8 +5,8 @@ int8, and the step that CUDA graphs record (the position in a tensor), here on t
 import pytest
 import torch
 from generation_helpers import greedy, teacher_forced, write_tiny
+from llama_kernels import fallback
 
-from kernels import fallback
 from llama import Llama
 from llama.fast import compile_decode
 from llama.model import ModelArgs, Transformer

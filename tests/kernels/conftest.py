@@ -29,10 +29,10 @@ def _asked_for(config: pytest.Config) -> bool:
 def pytest_configure(config: pytest.Config) -> None:
     if not _asked_for(config) or "TRITON_INTERPRET" in os.environ or torch.cuda.is_available():
         return
-    # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when kernels.triton_ops is imported.
-    if "kernels.triton_ops" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+    # triton.jit reads TRITON_INTERPRET when a kernel is defined, i.e. when llama_kernels.triton_ops is imported.
+    if "llama_kernels.triton_ops" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise pytest.UsageError(
-            "kernels.triton_ops was imported before TRITON_INTERPRET=1 was set; run the kernel tests in "
+            "llama_kernels.triton_ops was imported before TRITON_INTERPRET=1 was set; run the kernel tests in "
             "their own process: TRITON_INTERPRET=1 pytest tests/kernels"
         )
     os.environ["TRITON_INTERPRET"] = "1"

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 from kernel_device import DEVICE
-
-from kernels import fallback, triton_ops
+from llama_kernels import fallback, triton_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Kernel against fallback. The kernels round the (unnormalised) softmax probabilities to the input dtype

@@ -4,8 +4,7 @@ Llama's hidden sizes."""
 import pytest
 import torch
 from kernel_device import DEVICE
-
-from kernels import fallback, triton_ops
+from llama_kernels import fallback, triton_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Hidden sizes of Llama 3.2 1B, 3B, Llama 7B/8B, 13B, 70B and Llama 3.1 405B, then sizes no power of two

@@ -1,6 +1,6 @@
 """RMSNorm as a Triton kernel: one program per row, float32 accumulation, Meta's rounding.
 
-Same numerics as kernels.fallback.rms_norm: normalise in float32, cast to x's dtype, then scale by the weight.
+Same numerics as llama_kernels.fallback.rms_norm: normalise in float32, cast to x's dtype, then scale by the weight.
 """
 
 import torch

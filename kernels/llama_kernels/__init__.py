@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from kernels import fallback
+from llama_kernels import fallback
 
 _BACKENDS = ("auto", "triton", "torch")
 
@@ -30,7 +30,7 @@ _TRITON = []
 def _triton_ops():
     if not _TRITON:
         try:
-            from kernels import triton_ops
+            from llama_kernels import triton_ops
         except ImportError:
             triton_ops = None
         _TRITON.append(triton_ops)

@@ -1,5 +1,5 @@
 """Causal grouped-query attention over a KV cache as Triton kernels: flash-attention for prefill and
-flash-decoding (a split KV sequence, then a reduction) for one new token; same results as kernels.fallback.
+flash-decoding (a split KV sequence, then a reduction) for one new token; same results as llama_kernels.fallback.
 
 q is (bs, seqlen, n_heads, head_dim) at positions start_pos .. start_pos + seqlen - 1; k and v are
 (bs, start_pos + seqlen, n_kv_heads, head_dim) views of the cache, read through their strides, never copied.
