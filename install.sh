@@ -15,3 +15,7 @@ python -m pip install -q -e ".[test]"
 python -m pip install -q --no-deps llama-models mistral-common
 python -m llama.tiny --out_dir tiny-llama
 python example_chat_completion.py --ckpt_dir tiny-llama --tokenizer_path tiny-llama/tokenizer.model --max_gen_len 16
+
+echo
+echo "Set up. The README's commands use this environment's python and torchrun: activate it first with"
+echo "  source .venv/bin/activate"
