@@ -37,3 +37,22 @@ def test_triton_kernels_match_fallbacks_in_the_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_triton_kernels_match_fallbacks_compiled_on_the_gpu():
     run_kernel_tests()
+
+
+def test_forcing_triton_on_a_cpu_tensor_outside_the_interpreter_says_how_to_fix_it():
+    code = (
+        "import os, torch, llama_kernels\n"
+        "x = torch.ones(2, 8)\n"
+        "try:\n"
+        "    llama_kernels.rms_norm(x, torch.ones(8), 1e-5)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["LLAMA_KERNELS"] = "triton"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if importlib.util.find_spec("triton") is None:
+        assert "pip install triton" in result.stdout
+    else:
+        assert "TRITON_INTERPRET=1" in result.stdout and "unset LLAMA_KERNELS" in result.stdout

@@ -19,9 +19,23 @@ def _use_triton(x: torch.Tensor) -> bool:
         raise ValueError(f"LLAMA_KERNELS={choice!r} is not one of {', '.join(_BACKENDS)}; unset it or pick one.")
     if choice == "auto":
         return x.is_cuda and _triton_ops() is not None
-    if choice == "triton" and _triton_ops() is None:
-        raise ValueError("LLAMA_KERNELS=triton but triton cannot be imported; pip install triton, or unset it.")
+    if choice == "triton":
+        check_triton_device(x.device)
     return choice == "triton"
+
+
+def check_triton_device(device: torch.device) -> None:
+    """Raises a ValueError naming the fix when LLAMA_KERNELS=triton cannot run the kernels on `device`."""
+    if os.environ.get("LLAMA_KERNELS", "auto").lower() != "triton":
+        return
+    if _triton_ops() is None:
+        raise ValueError("LLAMA_KERNELS=triton but triton cannot be imported; pip install triton, or unset it.")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"LLAMA_KERNELS=triton asks for the Triton kernels on a {device.type} device, where Triton runs only "
+            "in its interpreter (TRITON_INTERPRET=1 set before Python starts; slow, for tests); unset "
+            "LLAMA_KERNELS to use the PyTorch fallbacks here."
+        )
 
 
 _TRITON = []
