@@ -1,22 +1,27 @@
 """Reading checkpoint folders into a Transformer: Meta's (params.json and consolidated.NN.pth) or Hugging Face's
 (config.json and *.safetensors), on any model-parallel size that divides or is divided by the number of shards,
-each rank reading only its own share of the weights and holding no second copy of them."""
+each rank reading only its own share of the weights and holding no second copy of them.
+
+The steps, in order: resolve (a folder into a Checkpoint: its kind, settings and files, read once), key names
+(each family's names translated to the model's; Llama 4's in llama/checkpoint_llama4.py), RankShares (this rank's
+share of every weight, planned from the first shard's shapes, then read shard by shard) and build_transformer
+(a meta-device Transformer given each share as it is read)."""
 
 import copy
 import json
 import pickle
 import re
-import typing
 import warnings
-from dataclasses import fields
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from llama import checkpoint_llama4 as llama4
-from llama.model import ModelArgs, MoEArgs, Transformer, swiglu_hidden_dim
-from llama.moe import moe_hidden_dim
+from llama.args import ModelArgs, config_params, is_llama4_config, model_args, text_config
+from llama.model import Transformer
 
 # How Meta splits each weight across model-parallel ranks (keyed by the module name before ".weight").
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split along dim 0 (output features)
@@ -27,35 +32,85 @@ ROW_PARALLEL = ("wo", "w2")  # split along dim 1 (input features)
 # always splits the vocabulary, and the shard shapes tell which layout a checkpoint has. Norms are replicated.
 UNUSED_KEYS = ("rope.freqs",)  # Llama 2 stores its RoPE table; the model recomputes it
 
-# Hugging Face's names for Meta's weights (LlamaForCausalLM); per layer under "model.layers.N.".
-HF_NAMES = {
-    "model.embed_tokens.weight": "tok_embeddings.weight",
-    "model.norm.weight": "norm.weight",
-    "lm_head.weight": "output.weight",
-}
-HF_LAYER_NAMES = {
-    "self_attn.q_proj.weight": "attention.wq.weight",
-    "self_attn.k_proj.weight": "attention.wk.weight",
-    "self_attn.v_proj.weight": "attention.wv.weight",
-    "self_attn.o_proj.weight": "attention.wo.weight",
-    "mlp.gate_proj.weight": "feed_forward.w1.weight",
-    "mlp.up_proj.weight": "feed_forward.w3.weight",
-    "mlp.down_proj.weight": "feed_forward.w2.weight",
-    "input_layernorm.weight": "attention_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-}
-HF_UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)  # older exports store their RoPE table; recomputed here
 HF_INDEX = "model.safetensors.index.json"
 _HF_SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
-# Meta's Llama 3.1 RoPE scaling, which model.py implements; HF configs spell it out and must agree.
-LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 PathLike = Union[str, Path]
 
 
-def _locate(ckpt_dir: PathLike) -> tuple[str, Path]:
+# --- resolving a folder ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint folder resolved once: the steps that follow read this, never the folder's layout again."""
+
+    path: Path  # the folder as given
+    folder: Path  # where the settings and weights are: path, or path/original (Meta's files in a HF repository)
+    kind: str  # "meta", "meta-llama4" (Meta's files, Llama 4's names: released or module names), "hf", "hf-llama4"
+    settings: Path  # params.json or config.json
+    config: dict  # that file's contents
+    params: dict  # the settings under params.json's names (config.json's mapped to them)
+    shards: tuple[Path, ...]  # consolidated.NN.pth in order, or the safetensors files
+    weight_map: Optional[dict[str, Path]]  # Hugging Face's index: tensor name -> file; None without one
+    tokenizer: Optional[Path]  # tokenizer.model in the folder, under original/ or beside it
+
+    @property
+    def is_hf(self) -> bool:
+        return self.kind.startswith("hf")
+
+    @property
+    def is_llama4(self) -> bool:
+        return self.kind.endswith("llama4")
+
+    def model_args(self, **overrides) -> ModelArgs:
+        """ModelArgs from the settings, checked; overrides (max_seq_len, max_batch_size) win."""
+        return model_args(self.params, str(self.settings), **overrides)
+
+
+def resolve(ckpt_dir: Union[PathLike, Checkpoint]) -> Checkpoint:
+    """The checkpoint in ckpt_dir: its settings read and its weight files listed (a Checkpoint is returned as it
+    is). A folder with Meta's files under original/ is read from there, with a warning saying so.
+    FileNotFoundError for a missing folder or weight file, ValueError for unreadable or unsupported settings."""
+    if isinstance(ckpt_dir, Checkpoint):
+        return ckpt_dir
+    path = Path(ckpt_dir)
+    form, folder = _locate(path)
+    weight_map = None
+    if form == "hf":
+        settings = folder / "config.json"
+        config = _read_json(settings)
+        params = config_params(config, str(settings))
+        kind = "hf-llama4" if is_llama4_config(config) else "hf"
+        weight_map = _hf_weight_map(folder)
+        shards = _hf_weight_files(folder, weight_map)
+    else:
+        if folder != path:
+            warnings.warn(
+                f"{path} holds Meta's checkpoint under original/: loading {folder}/params.json and "
+                "consolidated.*.pth, not config.json and the safetensors files",
+                stacklevel=2,
+            )
+        settings = folder / "params.json"
+        config = params = _read_json(settings)
+        kind = "meta-llama4" if params.get("moe_args") is not None else "meta"
+        shards = _consolidated_files(folder)
+    tokenizers = [p / "tokenizer.model" for p in (path, path / "original", path.parent)]
+    return Checkpoint(
+        path=path,
+        folder=folder,
+        kind=kind,
+        settings=settings,
+        config=config,
+        params=params,
+        shards=tuple(shards),
+        weight_map=weight_map,
+        tokenizer=next((p for p in tokenizers if p.is_file()), None),
+    )
+
+
+def _locate(ckpt_dir: Path) -> tuple[str, Path]:
     """("meta", folder of params.json and the shards) or ("hf", folder of config.json and the safetensors)."""
-    ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "params.json").is_file():
         return "meta", ckpt_dir
     original = ckpt_dir / "original"
@@ -75,12 +130,6 @@ def _locate(ckpt_dir: PathLike) -> tuple[str, Path]:
     )
 
 
-def settings_file(ckpt_dir: PathLike) -> Path:
-    """The file that holds the model's settings: Meta's params.json or Hugging Face's config.json."""
-    kind, folder = _locate(ckpt_dir)
-    return folder / ("params.json" if kind == "meta" else "config.json")
-
-
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
@@ -92,233 +141,41 @@ def _read_json(path: Path) -> dict:
 
 
 def read_params(ckpt_dir: PathLike) -> dict:
-    """params.json's settings; for a Hugging Face folder, config.json's mapped to params.json's names.
-
-    A folder with Meta's files under original/ is read from there, with a warning saying so."""
-    kind, folder = _locate(ckpt_dir)
-    if kind == "hf":
-        return hf_params(_read_json(folder / "config.json"), str(folder / "config.json"))
-    if folder != Path(ckpt_dir):
-        warnings.warn(
-            f"{ckpt_dir} holds Meta's checkpoint under original/: loading {folder}/params.json and "
-            "consolidated.*.pth, not config.json and the safetensors files",
-            stacklevel=2,
-        )
-    return _read_json(folder / "params.json")
+    """params.json's settings; for a Hugging Face folder, config.json's mapped to params.json's names."""
+    return resolve(ckpt_dir).params
 
 
-def _has_type(value, hint) -> bool:
-    if typing.get_origin(hint) is Union:  # Optional[X]
-        return any(_has_type(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is MoEArgs:
-        if not isinstance(value, dict):
-            return False
-        hints = typing.get_type_hints(MoEArgs)
-        return set(value) <= set(hints) and all(_has_type(v, hints[k]) for k, v in value.items())
-    return isinstance(value, hint)
-
-
-def rope_scaling(params: dict) -> dict:
-    """RoPE scaling settings a scaled model's params.json leaves out: Meta's code uses factor 8 (Llama 3.1)
-    for every Llama 3 model, but Llama 3.2 1B and 3B were trained with 32 (Meta confirmed it; their Hugging
-    Face configs say 32); Llama 4 (Scout) uses 16, with no smoothing band (high_freq_factor 1)."""
-    if not params.get("use_scaled_rope"):
-        return {}
-    if params.get("moe_args") is not None:  # Llama 4, as Meta's llama4 ModelArgs fills them in
-        defaults = {"rope_scaling_factor": 16.0, "rope_high_freq_factor": 1.0}
-    elif (params.get("dim"), params.get("n_layers")) in ((2048, 16), (3072, 28)):
-        defaults = {"rope_scaling_factor": 32.0}
-    else:
-        defaults = {}
-    return {k: v for k, v in defaults.items() if params.get(k) is None}
-
-
-def model_args(params: dict, source: str = "params.json", **overrides) -> ModelArgs:
-    """ModelArgs from params.json's dict, with its types checked; unknown keys are dropped with a warning."""
-    known = typing.get_type_hints(ModelArgs)
-    # vision_args (Llama 4): the loader says that the vision tower's weights are skipped, once, as it skips them
-    unknown = sorted(set(params) - set(known) - {"vision_args"})
-    if unknown:
-        warnings.warn(f"{source}: ignoring keys this model does not use: {', '.join(unknown)}", stacklevel=2)
-    # null in params.json means the default (Llama 4's rope_scaling_factor, for one)
-    kwargs = {k: v for k, v in params.items() if k in known and v is not None}
-    kwargs.update(rope_scaling(params))
-    kwargs.update(overrides)
-    for key, value in kwargs.items():
-        if not _has_type(value, known[key]):
-            expected = "an object with keys among " + ", ".join(f.name for f in fields(MoEArgs))
-            if known[key] is not MoEArgs:
-                expected = " or ".join(
-                    getattr(h, "__name__", str(h)) for h in typing.get_args(known[key]) or [known[key]]
-                )
-            raise ValueError(f"{source}: '{key}' must be {expected}, got {value!r}")
-    try:
-        return ModelArgs(**kwargs)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-def shard_paths(ckpt_dir: PathLike) -> list[Path]:
-    """The weight files: Meta's consolidated.NN.pth in order, or a Hugging Face folder's safetensors files;
-    FileNotFoundError naming any that is missing."""
-    kind, ckpt_dir = _locate(ckpt_dir)
-    if kind == "hf":
-        return hf_weight_files(ckpt_dir)
-    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
+def _consolidated_files(folder: Path) -> list[Path]:
+    """Meta's consolidated.NN.pth in order; FileNotFoundError naming any that is missing."""
+    paths = sorted(folder.glob("consolidated.*.pth"))
     if not paths:
         raise FileNotFoundError(
-            f"no consolidated.NN.pth files in {ckpt_dir}: is this the model folder, and did the download finish?"
+            f"no consolidated.NN.pth files in {folder}: is this the model folder, and did the download finish?"
         )
-    expected = [ckpt_dir / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
+    expected = [folder / f"consolidated.{i:02d}.pth" for i in range(len(paths))]
     if paths != expected:
         missing = sorted(set(expected) - set(paths))
         raise FileNotFoundError(
-            f"shards of {ckpt_dir} are not numbered 00..{len(paths) - 1:02d}; missing {', '.join(p.name for p in missing)}"
+            f"shards of {folder} are not numbered 00..{len(paths) - 1:02d}; missing {', '.join(p.name for p in missing)}"
         )
     return paths
 
 
-def find_tokenizer(ckpt_dir: PathLike) -> Path:
-    """The tokenizer.model that came with a checkpoint: in its folder, under original/, or beside it (Llama 2)."""
-    ckpt_dir = Path(ckpt_dir)
-    for candidate in (
-        ckpt_dir / "tokenizer.model",
-        ckpt_dir / "original" / "tokenizer.model",
-        ckpt_dir.parent / "tokenizer.model",
-    ):
-        if candidate.is_file():
-            return candidate
-    if (ckpt_dir / "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"{ckpt_dir} has Hugging Face's tokenizer.json but no tokenizer.model, which is what this library reads: "
-            "pass Meta's tokenizer.model as tokenizer_path (Hugging Face repositories of Llama 3 models have it under "
-            "original/, e.g. `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct original/tokenizer.model`)"
-        )
-    raise FileNotFoundError(f"no tokenizer.model in or beside {ckpt_dir}: pass tokenizer_path")
+def _hf_weight_map(folder: Path) -> Optional[dict[str, Path]]:
+    index = folder / HF_INDEX
+    if not index.is_file():
+        return None
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index} has no weight_map of tensor names to files; download it again")
+    return {name: folder / file for name, file in weight_map.items()}
 
 
-def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict mapped from disk: tensors only (nothing else is unpickled) and no copy in memory."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f"{path} holds Python objects other than tensors, which could run code when loaded; refusing it. "
-            f"Use checkpoints from Meta's download, or re-save a trusted one as a plain state dict ({str(e).splitlines()[0]})"
-        ) from None
-    except (RuntimeError, OSError, EOFError) as e:
-        raise ValueError(
-            f"{path} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}); it may be truncated: download it again"
-        ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a state dict of tensors")
-    return state
-
-
-# --- Hugging Face folders -------------------------------------------------------------------------------------
-
-
-def _ffn_shape(dim: int, intermediate_size: int) -> tuple[int, Optional[float]]:
-    """(multiple_of, ffn_dim_multiplier) for which Meta's SwiGLU rule gives exactly intermediate_size."""
-    base = int(2 * 4 * dim / 3)
-    # Llama 2 7B and 13B: the rule rounded up to multiple_of 256 without a multiplier, as in Meta's params.json;
-    # else the largest power of two dividing intermediate_size may do.
-    for multiple_of in (256, intermediate_size & -intermediate_size):
-        if swiglu_hidden_dim(4 * dim, multiple_of, None) == intermediate_size:
-            return multiple_of, None
-    # Otherwise a multiplier that lands between intermediate_size and the next integer, rounded down to it.
-    multiplier = (intermediate_size + 0.5) / base
-    assert swiglu_hidden_dim(4 * dim, 1, multiplier) == intermediate_size
-    return 1, multiplier
-
-
-def refuse_variants(config: dict, source: str, family: str, defaults: dict) -> None:
-    """ValueError for variants a Hugging Face config can express but Meta's architecture cannot (each key of
-    defaults must keep its default, head_dim must be hidden_size / heads): refused, never computed wrongly."""
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    checks = {key: (config.get(key, wanted), wanted) for key, wanted in defaults.items()}
-    if dim % n_heads == 0:
-        checks["head_dim"] = (config.get("head_dim") or dim // n_heads, dim // n_heads)
-    for key, (value, wanted) in checks.items():
-        if value != wanted:
-            raise ValueError(f"{source}: {key}={value!r} is not supported; Meta's {family} architecture has {wanted!r}")
-
-
-def hf_params(config: dict, source: str = "config.json") -> dict:
-    """params.json's settings for a Hugging Face LlamaForCausalLM or Llama 4 config.json; ValueError for anything
-    else."""
-    if llama4.is_llama4_config(config):
-        params = llama4.hf_params(config, source)
-        model_args(params, source)  # type and shape errors now, naming config.json
-        return params
-    architectures = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if model_type not in (None, "llama") or (architectures and "LlamaForCausalLM" not in architectures):
-        found = ", ".join(architectures) if architectures else f"model_type {model_type!r}"
-        raise ValueError(
-            f"{source}: unsupported architecture {found}; only Llama models (LlamaForCausalLM, model_type 'llama'; "
-            "Llama4ForCausalLM, Llama4ForConditionalGeneration) load here"
-        )
-    if model_type is None and not architectures:
-        raise ValueError(f"{source} names no architecture or model_type: is it a Llama model's config.json?")
-    required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-    missing = [key for key in required if key not in config]
-    if missing:
-        raise ValueError(f"{source} lacks {', '.join(missing)}: it is not a complete Llama config; download it again")
-    for key in (*required, "num_key_value_heads"):
-        value = config.get(key)
-        if key == "num_key_value_heads" and value is None:
-            continue  # multi-head attention, as in LlamaConfig
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{source}: '{key}' must be a positive integer, got {value!r}")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    refuse_variants(config, source, "Llama", {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False})
-
-    # transformers 5 keeps RoPE settings in rope_parameters; older configs have rope_theta and rope_scaling.
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if not isinstance(rope, dict):
-        raise ValueError(f"{source}: rope_parameters / rope_scaling must be an object, got {rope!r}")
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    params = dict(
-        dim=dim,
-        n_layers=config["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
-        vocab_size=config["vocab_size"],
-        norm_eps=config.get("rms_norm_eps", 1e-6),  # LlamaConfig's default
-        rope_theta=rope.get("rope_theta", config.get("rope_theta", 10000.0)),
-    )
-    params["multiple_of"], params["ffn_dim_multiplier"] = _ffn_shape(dim, config["intermediate_size"])
-    if rope_type == "llama3":
-        for key, value in LLAMA3_ROPE.items():
-            if rope.get(key, value) != value:
-                raise ValueError(
-                    f"{source}: llama3 RoPE scaling with {key}={rope[key]!r} is not supported (Meta's is {value})"
-                )
-        if "factor" not in rope:
-            raise ValueError(f"{source}: llama3 RoPE scaling without a factor; Llama 3.1 uses 8, Llama 3.2 1B/3B 32")
-        params.update(use_scaled_rope=True, rope_scaling_factor=rope["factor"])
-    elif rope_type not in (None, "default"):
-        raise ValueError(f"{source}: RoPE type {rope_type!r} is not supported; Llama uses 'default' or 'llama3'")
-    model_args(params, source)  # type and shape errors now, naming config.json
-    return params
-
-
-def hf_weight_files(folder: Path) -> list[Path]:
+def _hf_weight_files(folder: Path, weight_map: Optional[dict[str, Path]]) -> list[Path]:
     """The safetensors files of a Hugging Face folder: those its index names, else model-0000N-of-0000M or
     model.safetensors; FileNotFoundError naming any that is missing."""
-    index = folder / HF_INDEX
-    if index.is_file():
-        weight_map = _read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index} has no weight_map of tensor names to files; download it again")
-        files, named_by = sorted({folder / name for name in weight_map.values()}), index.name
+    if weight_map is not None:
+        files, named_by = sorted(set(weight_map.values())), HF_INDEX
     elif numbered := [m for p in folder.glob("model-*-of-*.safetensors") if (m := _HF_SHARD_NAME.fullmatch(p.name))]:
         totals = {m.group(2) for m in numbered}
         if len(totals) > 1:
@@ -341,6 +198,94 @@ def hf_weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def find_tokenizer(ckpt: Checkpoint) -> Path:
+    """The tokenizer.model that came with a checkpoint: in its folder, under original/, or beside it (Llama 2)."""
+    if ckpt.tokenizer is not None:
+        return ckpt.tokenizer
+    if (ckpt.path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"{ckpt.path} has Hugging Face's tokenizer.json but no tokenizer.model, which is what this library reads: "
+            "pass Meta's tokenizer.model as tokenizer_path (Hugging Face repositories of Llama 3 models have it under "
+            "original/, e.g. `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct original/tokenizer.model`)"
+        )
+    raise FileNotFoundError(f"no tokenizer.model in or beside {ckpt.path}: pass tokenizer_path")
+
+
+# --- reading the files, under the model's names ---------------------------------------------------------------
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict mapped from disk: tensors only (nothing else is unpickled) and no copy in memory."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path} holds Python objects other than tensors, which could run code when loaded; refusing it. "
+            f"Use checkpoints from Meta's download, or re-save a trusted one as a plain state dict ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(
+            f"{path} cannot be read as a PyTorch checkpoint ({str(e).splitlines()[0]}); it may be truncated: download it again"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a state dict of tensors")
+    return state
+
+
+# Hugging Face's names for Llama 1-3's weights (LlamaForCausalLM); per layer under "model.layers.N.".
+LLAMA_HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+LLAMA_HF_LAYER_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+LLAMA_HF_UNUSED_SUFFIXES = (".rotary_emb.inv_freq",)  # older exports store their RoPE table; recomputed here
+
+
+def _llama_name(hf_name: str) -> Optional[str]:
+    """The model's key for a Hugging Face Llama 1-3 tensor name; "" for tensors the model does not need; None if
+    unknown."""
+    if hf_name.endswith(LLAMA_HF_UNUSED_SUFFIXES):
+        return ""
+    if hf_name in LLAMA_HF_NAMES:
+        return LLAMA_HF_NAMES[hf_name]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+    if m and m.group(2) in LLAMA_HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{LLAMA_HF_LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    # HF's conversion reorders each head's query/key rows so that RoPE rotates halves (i, i + head_dim/2);
+    # Meta's model rotates interleaved pairs (2i, 2i+1). Undo it: row h * head_dim/2 + i goes back to 2i + h.
+    rows, dim = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _LazyTensor:
     """A tensor in a mapped safetensors file; narrowing it gives a view of the mapped bytes (safetensors' slice),
     so only the part a rank uses is ever read from disk."""
@@ -353,6 +298,10 @@ class _LazyTensor:
                 f"{path} lacks tensor {name!r} that {HF_INDEX} places there ({e}); download it again"
             ) from None
         self.shape = torch.Size(self._slice.get_shape())
+        stored = self._slice.get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} holds {stored}, not floating-point weights")
+        self.dtype = SAFETENSORS_DTYPES[stored]
         self._start = [0] * len(self.shape)  # where this tensor lies in the stored one (see part)
 
     def part(self, dim: int, start: int, length: int) -> "_LazyTensor":
@@ -369,70 +318,59 @@ class _LazyTensor:
         return self._slice[tuple(index)]
 
 
-def _meta_name(hf_name: str) -> Optional[str]:
-    """Meta's key for a Hugging Face tensor name; "" for tensors the model does not need; None if unknown."""
-    if hf_name.endswith(HF_UNUSED_SUFFIXES):
-        return ""
-    if hf_name in HF_NAMES:
-        return HF_NAMES[hf_name]
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
-    if m and m.group(2) in HF_LAYER_NAMES:
-        return f"layers.{m.group(1)}.{HF_LAYER_NAMES[m.group(2)]}"
-    return None
-
-
-def _hf_tensors(folder: Path) -> dict[str, _LazyTensor]:
-    """The folder's tensors under Meta's names, mapped, not read: only a rank's share of each is ever read."""
+def _hf_tensors(ckpt: Checkpoint) -> dict[str, _LazyTensor]:
+    """The folder's tensors under the model's names, mapped, not read: only a rank's share of each is ever read."""
     from safetensors import safe_open  # only Hugging Face folders need it (pip install safetensors)
 
     handles = {}
-    for path in hf_weight_files(folder):
+    for path in ckpt.shards:
         try:
             handles[path] = safe_open(str(path), framework="pt")
         except Exception as e:  # safetensors' own error type for a damaged header
             raise ValueError(
                 f"{path} cannot be read as safetensors ({e}); it may be truncated: download it again"
             ) from None
-    index = folder / HF_INDEX
-    if index.is_file():
-        where = {name: folder / file for name, file in _read_json(index)["weight_map"].items()}
-    else:
-        where = {name: path for path, handle in handles.items() for name in handle.keys()}
-    config = _read_json(folder / "config.json")
-    if llama4.is_llama4_config(config):
+    where = ckpt.weight_map or {name: path for path, handle in handles.items() for name in handle.keys()}
+    if ckpt.is_llama4:
         architecture = "Llama 4"
         tensors, unknown = llama4.hf_tensors(
-            list(where), lambda name: _LazyTensor(handles[where[name]], name, where[name]), str(folder)
+            list(where), lambda name: _LazyTensor(handles[where[name]], name, where[name]), str(ckpt.folder)
         )
-        tied = llama4.hf_text_config(config).get("tie_word_embeddings", config.get("tie_word_embeddings"))
+        tied = text_config(ckpt.config).get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings"))
     else:
         architecture, tensors, unknown = "LlamaForCausalLM", {}, []
         for hf_name, path in where.items():
-            name = _meta_name(hf_name)
+            name = _llama_name(hf_name)
             if name is None:
                 unknown.append(hf_name)
             elif name:
                 tensors[name] = _LazyTensor(handles[path], hf_name, path)
-        tied = config.get("tie_word_embeddings")
+        tied = ckpt.config.get("tie_word_embeddings")
     if tied:
         tensors.pop("output.weight", None)  # HF uses the embedding matrix whatever lm_head.weight holds
     if unknown:
         raise ValueError(
-            f"{folder} holds tensors that are not {architecture} weights ({', '.join(sorted(unknown)[:5])}): "
+            f"{ckpt.folder} holds tensors that are not {architecture} weights ({', '.join(sorted(unknown)[:5])}): "
             "is it a quantized, adapter or other architecture's checkpoint? Only plain Llama weights load here"
         )
     if "output.weight" not in tensors and not tied:
         raise ValueError(
-            f"{folder} has no lm_head.weight but config.json says tie_word_embeddings is false: download it again"
+            f"{ckpt.folder} has no lm_head.weight but config.json says tie_word_embeddings is false: download it again"
         )
     return tensors
 
 
-def _unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    # HF's conversion reorders each head's query/key rows so that RoPE rotates halves (i, i + head_dim/2);
-    # Meta's model rotates interleaved pairs (2i, 2i+1). Undo it: row h * head_dim/2 + i goes back to 2i + h.
-    rows, dim = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+def _shard_reader(ckpt: Checkpoint, args: ModelArgs) -> tuple[list[str], Callable[[int], dict]]:
+    """(the shards' names, read(i): shard i's tensors under the model's names, mapped from disk, not read). A
+    Hugging Face folder counts as one unsharded shard; Llama 4's fused and flat keys are split per shard."""
+    if ckpt.is_hf:
+        tensors = _hf_tensors(ckpt)
+        return [str(ckpt.folder)], lambda i: tensors
+    names = [str(p) for p in ckpt.shards]
+    if not ckpt.is_llama4:
+        return names, lambda i: load_shard(ckpt.shards[i])
+    warned: set[str] = set()  # one warning per kind of skipped key, not one per shard
+    return names, lambda i: llama4.module_names(load_shard(ckpt.shards[i]), args, names[i], warned)
 
 
 # --- resharding -----------------------------------------------------------------------------------------------
@@ -478,11 +416,10 @@ def _plan(
 
 def check_parallel_size(args: ModelArgs, n_shards: int, world: int, ckpt_dir: PathLike) -> None:
     """ValueError unless the checkpoint's n_shards can be resharded onto `world` model-parallel ranks."""
-    ffn_hidden = swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
     sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "vocab_size": args.vocab_size}
-    sizes["the feed-forward hidden size"] = ffn_hidden
+    sizes["the feed-forward hidden size"] = args.ffn_hidden_dim
     if args.moe_args is not None:
-        sizes["the experts' hidden size"] = moe_hidden_dim(args)
+        sizes["the experts' hidden size"] = args.expert_hidden_dim
 
     def fits(m: int) -> bool:
         return not (n_shards % m and m % n_shards) and all(v % m == 0 for v in sizes.values())
@@ -502,111 +439,131 @@ def check_parallel_size(args: ModelArgs, n_shards: int, world: int, ckpt_dir: Pa
             )
 
 
-def load_state_dict(ckpt_dir: PathLike, args: ModelArgs, rank: int = 0, world: int = 1) -> dict[str, torch.Tensor]:
-    """This rank's weights under Meta's keys, resharded from the checkpoint's shards to `world` ranks.
+class RankShares:
+    """This rank's share of every weight of a checkpoint, resharded from the checkpoint's shards to `world` ranks.
 
-    Shards are mapped from disk (torch.load mmap): a share that lies in one shard stays a view of the file,
-    and a share spread over several is copied shard by shard, each file unmapped before the next, so a rank
-    holds about its share of the model and no more. A Hugging Face folder counts as one unsharded shard,
-    mapped through safetensors' slices, whose query/key rows are put back into Meta's rotary order (a copy; not
-    for Llama 4, whose conversion keeps Meta's order). Llama 4's fused and flat keys are split per shard first."""
-    kind, folder = _locate(ckpt_dir)
-    if kind == "hf":
-        hf = _hf_tensors(folder)
-        names, load = [str(folder)], lambda i: hf
-        permuted = not llama4.is_llama4_config(_read_json(folder / "config.json"))
-    else:
-        paths = shard_paths(folder)
-        warned: set[str] = set()  # one warning per kind of skipped key, not one per shard
-        names = [str(p) for p in paths]
-        load = lambda i: llama4.module_names(load_shard(paths[i]), args, names[i], warned)  # noqa: E731
-    check_parallel_size(args, len(names), world, folder)
+    Made from the first shard's shapes without reading a weight: `shapes` and `dtypes` say what each share will
+    be. Iterating reads them, (the model's key, tensor), shard by shard: shards are mapped from disk (torch.load
+    mmap), a share that lies in one shard stays a view of the file, and a share spread over several is copied
+    piece by piece and given once whole, so a rank holds about its share of the model and no more. A Hugging
+    Face Llama 1-3 folder's query/key rows are put back into Meta's rotary order (a copy; Llama 4's conversion
+    keeps Meta's order)."""
 
-    first = load(0)
-    shapes = {key: tensor.shape for key, tensor in first.items()}
-    del first  # read again below like every other shard, so that no reference keeps its file mapped
-    plans = {}
-    for key, shape in shapes.items():
-        if key in UNUSED_KEYS:
-            continue
-        dim = split_dim(key)
-        if dim is None or dim >= len(shape):  # replicated (or a stray key, which build_transformer names): shard 0's copy, on every rank
-            plans[key] = _plan(shape, 1, 0, 0, 0, 1)
-            continue
-        src = dim
-        if key == "tok_embeddings.weight" and len(names) > 1 and shape[1] != args.dim:
-            src = 1  # Llama 2 layout: the hidden dimension is split; this model splits the vocabulary
-        plans[key] = _plan(shape, len(names), src, dim, rank, world)
+    def __init__(self, ckpt: Checkpoint, args: ModelArgs, rank: int = 0, world: int = 1):
+        check_parallel_size(args, 1 if ckpt.is_hf else len(ckpt.shards), world, ckpt.folder)
+        self.ckpt, self.args, self.rank, self.world = ckpt, args, rank, world
+        self.names, self._read = _shard_reader(ckpt, args)
+        first = self._read(0)
+        self._stored = {key: tensor.shape for key, tensor in first.items()}  # each shard's shapes
+        self.dtypes = {key: tensor.dtype for key, tensor in first.items() if key not in UNUSED_KEYS}
+        del first  # read again below like every other shard, so that no reference keeps its file mapped
+        n = len(self.names)
+        self._plans = {}
+        for key, shape in self._stored.items():
+            if key in UNUSED_KEYS:
+                continue
+            dim = split_dim(key)
+            if dim is None or dim >= len(shape):  # replicated (or a stray key, which build_transformer names)
+                self._plans[key] = _plan(shape, 1, 0, 0, 0, 1)  # shard 0's copy, on every rank
+                continue
+            src = dim
+            if key == "tok_embeddings.weight" and n > 1 and shape[1] != args.dim:
+                src = 1  # Llama 2 layout: the hidden dimension is split; this model splits the vocabulary
+            self._plans[key] = _plan(shape, n, src, dim, rank, world)
+        self.shapes = {key: torch.Size(share) for key, (share, _) in self._plans.items()}
 
-    state: dict[str, torch.Tensor] = {}
-    for i in sorted({part[0] for _, parts in plans.values() for part in parts}):
-        shard = load(i)
-        if set(shard) != set(shapes):
-            diff = sorted(set(shard) ^ set(shapes))
-            raise ValueError(
-                f"{names[i]} and {names[0]} hold different keys ({', '.join(diff[:5])}): mixed-up downloads?"
-            )
-        for key, (share, parts) in plans.items():
-            for j, span, out_span in parts:
-                if j != i:
-                    continue
-                if shard[key].shape != shapes[key]:
-                    raise ValueError(
-                        f"{names[i]}: '{key}' has shape {tuple(shard[key].shape)} but {names[0]} has "
-                        f"{tuple(shapes[key])}; are the shards from one model? Download them again"
-                    )
-                piece = shard[key].narrow(*span)
-                if len(parts) == 1:  # the share lies in one shard: keep the mapped view, no copy
-                    # ... unless shards are being merged: then every other weight is copied out of the files,
-                    # and a view of a replicated norm would keep shard 0 and all its read pages mapped.
-                    state[key] = piece.clone() if world < len(names) else piece
-                    continue
-                if key not in state:
-                    state[key] = torch.empty(share, dtype=piece.dtype)
-                state[key].narrow(*out_span).copy_(piece)
-        shard = piece = None  # the file is unmapped once no view into it is kept: its pages leave the rank's memory
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        names, pending, partial = self.names, {}, {}
+        for key, (_, parts) in self._plans.items():
+            pending[key] = len(parts)
+        for i in sorted({part[0] for _, parts in self._plans.values() for part in parts}):
+            shard = self._read(i)
+            if set(shard) != set(self._stored):
+                diff = sorted(set(shard) ^ set(self._stored))
+                raise ValueError(
+                    f"{names[i]} and {names[0]} hold different keys ({', '.join(diff[:5])}): mixed-up downloads?"
+                )
+            for key, (share, parts) in self._plans.items():
+                for j, span, out_span in parts:
+                    if j != i:
+                        continue
+                    if shard[key].shape != self._stored[key]:
+                        raise ValueError(
+                            f"{names[i]}: '{key}' has shape {tuple(shard[key].shape)} but {names[0]} has "
+                            f"{tuple(self._stored[key])}; are the shards from one model? Download them again"
+                        )
+                    piece = shard[key].narrow(*span)
+                    if len(parts) == 1:  # the share lies in one shard: keep the mapped view, no copy
+                        # ... unless shards are being merged: then every other weight is copied out of the files,
+                        # and a view of a replicated norm would keep shard 0 and all its read pages mapped.
+                        yield key, self._rotary_order(key, piece.clone() if self.world < len(names) else piece)
+                        continue
+                    if key not in partial:
+                        partial[key] = torch.empty(share, dtype=piece.dtype)
+                    partial[key].narrow(*out_span).copy_(piece)
+                    pending[key] -= 1
+                    if not pending[key]:
+                        yield key, self._rotary_order(key, partial.pop(key))
+            shard = piece = None  # the file is unmapped once no view into it is kept: its pages leave the rank's memory
 
-    if kind == "hf" and permuted:
-        head_dim = args.dim // args.n_heads
-        for key, n_heads in (("attention.wq.weight", args.n_heads), ("attention.wk.weight", args.n_kv_heads)):
-            for i in range(args.n_layers):
-                name, local_heads = f"layers.{i}.{key}", n_heads // world  # a rank's share is whole heads
-                if name in state and state[name].shape[0] == local_heads * head_dim:  # else build_transformer says
-                    state[name] = _unpermute_rotary(state[name], local_heads)
-    return state
+    def _rotary_order(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        m = re.fullmatch(r"layers\.\d+\.attention\.w([qk])\.weight", key)
+        if self.ckpt.kind != "hf" or m is None:
+            return tensor
+        local_heads = (self.args.n_heads if m.group(1) == "q" else self.args.n_kv_heads) // self.world
+        if tensor.shape[0] != local_heads * self.args.head_dim:  # a rank's share is whole heads; else the build says
+            return tensor
+        return _unpermute_rotary(tensor, local_heads)
+
+
+def load_state_dict(
+    ckpt_dir: Union[PathLike, Checkpoint], args: ModelArgs, rank: int = 0, world: int = 1
+) -> dict[str, torch.Tensor]:
+    """This rank's weights under Meta's keys, resharded from the checkpoint's shards to `world` ranks."""
+    return dict(RankShares(resolve(ckpt_dir), args, rank, world))
+
+
+# --- building -------------------------------------------------------------------------------------------------
 
 
 def build_transformer(
-    ckpt_dir: PathLike, args: ModelArgs, device: torch.device, dtype: torch.dtype, rank: int = 0, world: int = 1
+    ckpt_dir: Union[PathLike, Checkpoint],
+    args: ModelArgs,
+    device: torch.device,
+    dtype: torch.dtype,
+    rank: int = 0,
+    world: int = 1,
 ) -> Transformer:
-    """A Transformer holding this rank's weights: built on the meta device, then given the mapped
-    tensors themselves (cast or moved one at a time only where dtype or device differ)."""
+    """A Transformer holding this rank's weights: built on the meta device, its keys and shapes checked against
+    the checkpoint's before any weight is read, then given the mapped tensors themselves as they are read (cast
+    or moved one at a time only where dtype or device differ)."""
+    ckpt = resolve(ckpt_dir)
+    shares = RankShares(ckpt, args, rank, world)
     # On the meta device nothing is allocated, fairscale's full-size master weights included.
     with torch.device("meta"):
         model = Transformer(args)
-    state = load_state_dict(ckpt_dir, args, rank, world)
-    source = "config.json" if _locate(ckpt_dir)[0] == "hf" else "params.json"
-    expected = model.state_dict()
-    if "output.weight" not in state and "tok_embeddings.weight" in state:
-        tied = True  # Llama 3.2 1B/3B style: the output projection is the embedding matrix
-    else:
-        tied = False
-    missing = sorted(set(expected) - set(state) - ({"output.weight"} if tied else set()))
-    unexpected = sorted(set(state) - set(expected))
+    expected = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    source = ckpt.settings.name
+    # Without output.weight the output projection is the embedding matrix (Llama 3.2 1B/3B)
+    tied = "output.weight" not in shares.shapes and "tok_embeddings.weight" in shares.shapes
+    missing = sorted(set(expected) - set(shares.shapes) - ({"output.weight"} if tied else set()))
+    unexpected = sorted(set(shares.shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"{ckpt_dir} does not match {source}: missing {missing[:8] or 'none'}, unexpected {unexpected[:8] or 'none'}. "
+            f"{ckpt.path} does not match {source}: missing {missing[:8] or 'none'}, unexpected {unexpected[:8] or 'none'}. "
             f"Is {source} from the same model as the weights?"
         )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            files = ", ".join(str(p) for p in shard_paths(ckpt_dir))
+    for key, shape in shares.shapes.items():
+        if shape != expected[key]:
+            files = ", ".join(str(p) for p in ckpt.shards)
             raise ValueError(
-                f"{files}: '{key}' has shape {tuple(tensor.shape)} but {source} implies {tuple(expected[key].shape)} "
+                f"{files}: '{key}' has shape {tuple(shape)} but {source} implies {tuple(expected[key])} "
                 f"on {world} model-parallel rank(s); is {source} from the same model as the weights?"
             )
-        if not tensor.is_floating_point():
-            raise ValueError(f"{ckpt_dir}: '{key}' holds {tensor.dtype}, not floating-point weights")
+        if not shares.dtypes[key].is_floating_point:
+            raise ValueError(f"{ckpt.path}: '{key}' holds {shares.dtypes[key]}, not floating-point weights")
+    state = {}
+    for key, tensor in shares:  # each weight, as it is read, is placed here
         state[key] = tensor.to(device=device, dtype=dtype)
     if tied:
         state["output.weight"] = state["tok_embeddings.weight"]

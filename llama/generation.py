@@ -10,7 +10,7 @@ from typing import Optional, TypedDict, Union
 import torch
 
 from llama.chat_format import ChatFormat, Dialog, Message, StopReason, has_special_tags
-from llama.checkpoint import build_transformer, find_tokenizer, model_args, read_params, settings_file, shard_paths
+from llama.checkpoint import build_transformer, find_tokenizer, resolve
 from llama.cpu import choose_cpu_matmul
 from llama.distributed import DTYPES, default_device, default_dtype, init_distributed  # noqa: F401
 from llama.fast import compile_decode, cuda_graph_decode
@@ -68,10 +68,8 @@ class Llama:
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        ckpt_dir = Path(ckpt_dir)
-        params = read_params(ckpt_dir)
-        shard_paths(ckpt_dir)  # fail on a folder without shards before spending time on the rest
-        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(ckpt_dir)
+        ckpt = resolve(ckpt_dir)  # settings read, weight files listed: a bad folder fails before anything is loaded
+        tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(ckpt)
         tokenizer = Tokenizer(str(tokenizer_path))
 
         device = torch.device(device) if device is not None else default_device()
@@ -85,8 +83,8 @@ class Llama:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.manual_seed(seed)  # the same on every rank, so that all ranks sample the same tokens
 
-        source = settings_file(ckpt_dir)
-        args = model_args(params, str(source), max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        source = ckpt.settings
+        args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if args.vocab_size == -1:
             args.vocab_size = tokenizer.n_words
         elif args.vocab_size != tokenizer.n_words:
@@ -94,7 +92,7 @@ class Llama:
                 f"{source} has vocab_size {args.vocab_size} but the tokenizer {tokenizer_path} has "
                 f"{tokenizer.n_words} tokens: pass the tokenizer.model that came with this model"
             )
-        model = build_transformer(ckpt_dir, args, device, dtype, rank, world)
+        model = build_transformer(ckpt, args, device, dtype, rank, world)
         if quantize == "int8":
             model = quantize_int8(model)
         model = choose_cpu_matmul(model)  # bfloat16 on a CPU: the faster of two matrix-product paths, measured

@@ -7,7 +7,6 @@ attention, attention temperature tuning) and a mixture-of-experts feed-forward (
 """
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -16,76 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama.moe import MoE, MoEArgs, moe_hidden_dim
+from llama.args import ModelArgs
+from llama.moe import MoE
 from llama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 # A position: an int, or (for one token per sequence) a one-element int64 tensor on the model's device, so that
 # a decoding step has the same shapes at every position and can be recorded once as a CUDA graph.
 Position = Union[int, torch.Tensor]
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: Optional[int] = None  # None: one KV head per query head (Llama 1/2 multi-head attention)
-    head_dim: Optional[int] = None  # Llama 4's params.json states it; it must be dim // n_heads
-    vocab_size: int = -1  # -1 in Llama 2's params.json: take it from the tokenizer
-    multiple_of: int = 256  # the SwiGLU hidden size is rounded up to a multiple of this
-    ffn_dim_multiplier: Optional[float] = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0  # Llama 2's params.json has none; Llama 3's says 500000
-    use_scaled_rope: bool = False  # Llama 3.1+: slow the low RoPE frequencies down for a long context
-    rope_scaling_factor: float = 8.0  # Llama 3.1; llama/checkpoint.py picks 32 for Llama 3.2 1B/3B, 16 for Llama 4
-    rope_high_freq_factor: float = 4.0  # Llama 3.1; Llama 4: 1
-
-    # Llama 4 (all off for Llama 1-3)
-    moe_args: Optional[MoEArgs] = None
-    ffn_exp: Optional[float] = None  # the experts' hidden size before Meta's SwiGLU rule, as a multiple of dim
-    nope_layer_interval: Optional[int] = None  # every n-th layer has no RoPE (NoPE) and attends globally
-    use_qk_norm: bool = False  # RMS-normalise q and k (no weight) after RoPE
-    attention_chunk_size: Optional[int] = None  # RoPE layers attend within chunks of this many positions
-    attn_temperature_tuning: bool = False  # NoPE layers scale q up with the position (long contexts)
-    floor_scale: float = 8192.0
-    attn_scale: float = 0.1
-
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
-
-    def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if isinstance(self.moe_args, dict):
-            self.moe_args = MoEArgs(**self.moe_args)
-        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ModelArgs.{name} must be a positive integer, got {value!r}")
-        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
-            raise ValueError(f"dim {self.dim} must split into {self.n_heads} heads of an even size")
-        if self.head_dim not in (None, self.dim // self.n_heads):
-            raise ValueError(
-                f"head_dim {self.head_dim} is not dim / n_heads = {self.dim // self.n_heads}: not supported"
-            )
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads}")
-        for name in ("nope_layer_interval", "attention_chunk_size"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"ModelArgs.{name} must be a positive integer or None, got {value!r}")
-        if self.moe_args is not None:
-            moe = self.moe_args
-            if moe.num_experts < 1 or not 1 <= moe.top_k <= moe.num_experts or moe.interleave_moe_layer_step < 1:
-                raise ValueError(f"moe_args {moe} needs num_experts >= 1, 1 <= top_k <= num_experts, a step >= 1")
-            if self.ffn_exp is None or self.ffn_dim_multiplier is None:
-                raise ValueError("a mixture-of-experts model (moe_args) needs ffn_exp and ffn_dim_multiplier")
-
-    def is_nope_layer(self, layer_id: int) -> bool:
-        return self.nope_layer_interval is not None and (layer_id + 1) % self.nope_layer_interval == 0
-
-    def is_moe_layer(self, layer_id: int) -> bool:
-        return self.moe_args is not None and (layer_id + 1) % self.moe_args.interleave_moe_layer_step == 0
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,7 +88,7 @@ class Attention(nn.Module):
         model_parallel_size = fs_init.get_model_parallel_world_size()
         self.n_local_heads = args.n_heads // model_parallel_size
         self.n_local_kv_heads = args.n_kv_heads // model_parallel_size
-        self.head_dim = args.dim // args.n_heads
+        self.head_dim = args.head_dim
         self.norm_eps = args.norm_eps
         # Llama 4's layers without RoPE (NoPE) attend to every earlier position and tune their temperature; the
         # RoPE layers may normalise q and k, and attend only within their chunk of attention_chunk_size positions.
@@ -218,15 +154,6 @@ class Attention(nn.Module):
         return llama_kernels.attention(xq, keys, values, slot)
 
 
-def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    # Meta's rule: two thirds of 4 * dim (SwiGLU has three matrices, not two), times the optional
-    # multiplier, rounded up to a multiple of multiple_of.
-    hidden_dim = int(2 * hidden_dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden_dim = int(ffn_dim_multiplier * hidden_dim)
-    return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
-
-
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -245,12 +172,10 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, layer_id)
         if args.is_moe_layer(layer_id):
             # Llama 4: routed experts beside a shared expert, a plain SwiGLU feed-forward of the experts' size
-            hidden_dim = moe_hidden_dim(args)
+            hidden_dim = args.expert_hidden_dim
             self.feed_forward = MoE(args.dim, hidden_dim, args.moe_args, FeedForward(args.dim, hidden_dim))
         else:
-            self.feed_forward = FeedForward(
-                args.dim, swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
-            )
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
@@ -273,7 +198,7 @@ class Transformer(nn.Module):
         # CPU even when the model is built on the meta device, and moved on the first forward.
         with torch.device("cpu"):
             self.freqs_cis = precompute_freqs_cis(
-                params.dim // params.n_heads,
+                params.head_dim,
                 params.max_seq_len,
                 params.rope_theta,
                 (params.rope_scaling_factor, params.rope_high_freq_factor) if params.use_scaled_rope else None,

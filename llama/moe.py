@@ -6,34 +6,13 @@ Shape suffixes as in Meta's reference: a tokens, D model dim, E experts, F the e
 rank's share of it), K experts per token.
 """
 
-from dataclasses import dataclass
-
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
 from torch import nn
 
-
-@dataclass
-class MoEArgs:
-    """params.json's "moe_args"."""
-
-    num_experts: int = -1
-    top_k: int = 1  # experts per token (1 in the released models)
-    capacity_factor: float = 1.0
-    auto_scale_F: bool = True  # noqa: N815 (Meta's name): divide the experts' hidden size by capacity_factor + 1
-    interleave_moe_layer_step: int = 1  # every n-th layer is a MoE layer (Scout 1, Maverick 2)
-
-
-def moe_hidden_dim(args) -> int:
-    """The experts' (and the shared expert's) hidden size F: Meta's SwiGLU rule on ffn_exp * dim, shrunk by
-    capacity_factor + 1 with auto_scale_F, rounded up to multiple_of (Scout: 8192)."""
-    hidden_dim = int(2 * int(args.ffn_exp * args.dim) / 3)
-    hidden_dim = int(args.ffn_dim_multiplier * hidden_dim)
-    if args.moe_args.auto_scale_F:
-        hidden_dim = int(hidden_dim / (args.moe_args.capacity_factor + 1))
-    return hidden_dim + -hidden_dim % args.multiple_of
+from llama.args import MoEArgs
 
 
 class Experts(nn.Module):

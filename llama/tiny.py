@@ -14,10 +14,9 @@ from typing import Optional
 
 import torch
 
+from llama.args import ModelArgs
 from llama.checkpoint import split_dim
 from llama.checkpoint_llama4 import released_names
-from llama.model import ModelArgs, swiglu_hidden_dim
-from llama.moe import moe_hidden_dim
 
 TINY_PARAMS = {
     "dim": 64,
@@ -74,8 +73,7 @@ def random_state_dict(
     """Unsharded weights under Meta's key names; norms near 1, Llama 4's router normal(0, 1) (so that tokens spread
     over the experts), everything else normal(0, std), drawn on device."""
     g = torch.Generator(device).manual_seed(seed)
-    head_dim = args.dim // args.n_heads
-    hidden = swiglu_hidden_dim(4 * args.dim, args.multiple_of, args.ffn_dim_multiplier)
+    head_dim = args.head_dim
 
     def normal(*shape: int, scale: float = std) -> torch.Tensor:
         return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
@@ -91,14 +89,14 @@ def random_state_dict(
         state[p + "attention.wv.weight"] = normal(args.n_kv_heads * head_dim, args.dim)
         state[p + "attention.wo.weight"] = normal(args.dim, args.n_heads * head_dim)
         if args.is_moe_layer(i):
-            n, f = args.moe_args.num_experts, moe_hidden_dim(args)
+            n, f = args.moe_args.num_experts, args.expert_hidden_dim
             state[p + "feed_forward.router_DE"] = normal(args.dim, n, scale=1.0)
             state[p + "feed_forward.experts.w1"] = normal(n, args.dim, f)
             state[p + "feed_forward.experts.w2"] = normal(n, f, args.dim)
             state[p + "feed_forward.experts.w3"] = normal(n, args.dim, f)
             ffn, size = "feed_forward.shared_expert.", f
         else:
-            ffn, size = "feed_forward.", hidden
+            ffn, size = "feed_forward.", args.ffn_hidden_dim
         state[p + ffn + "w1.weight"] = normal(size, args.dim)
         state[p + ffn + "w2.weight"] = normal(args.dim, size)
         state[p + ffn + "w3.weight"] = normal(size, args.dim)

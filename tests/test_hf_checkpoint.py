@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llama import Llama
-from llama.checkpoint import _ffn_shape, hf_params, read_params
-from llama.model import ModelArgs, swiglu_hidden_dim
+from llama.args import ModelArgs, config_params, model_args
+from llama.checkpoint import read_params
 from llama.tiny import TINY_PARAMS, random_state_dict, write_byte_tokenizer, write_checkpoint
 
 ATOL = 1e-4
@@ -20,7 +20,7 @@ TOKENS = torch.randint(0, 512, (2, 300), generator=torch.Generator().manual_seed
 
 def hf_config(**overrides) -> LlamaConfig:
     # head_dim 32 and 300 positions, so that the llama3 RoPE scaling factor shows in the logits;
-    # intermediate_size 200 is not Meta's rule for multiple_of 32, so the mapping has to derive it.
+    # intermediate_size 200 is no size Meta's rule gives for multiple_of 32: the model takes it as stated.
     config = dict(
         vocab_size=512,  # the byte tokenizer's 256 bytes + 256 special tokens
         hidden_size=128,
@@ -206,7 +206,7 @@ BASE |= {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_head
 )
 def test_llama_configs_this_architecture_cannot_compute_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        hf_params(BASE | change)
+        model_args(config_params(BASE | change), "config.json")
 
 
 def test_tensors_that_are_not_llama_weights_are_refused(tmp_path):
@@ -224,22 +224,31 @@ def test_tensors_that_are_not_llama_weights_are_refused(tmp_path):
 def test_configs_of_older_transformers_with_rope_theta_and_rope_scaling():
     scaling = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     for key in ("rope_type", "type"):  # transformers 4.43+ and the spelling before it
-        params = hf_params(BASE | {"rope_theta": 500000.0, "rope_scaling": {**scaling, key: "llama3"}})
+        params = config_params(BASE | {"rope_theta": 500000.0, "rope_scaling": {**scaling, key: "llama3"}})
         assert params["rope_theta"] == 500000.0 and params["use_scaled_rope"] and params["rope_scaling_factor"] == 8.0
-    params = hf_params(BASE | {"rope_theta": 10000.0, "rope_scaling": None, "num_key_value_heads": None})
+    params = config_params(BASE | {"rope_theta": 10000.0, "rope_scaling": None, "num_key_value_heads": None})
     assert params["rope_theta"] == 10000.0 and "use_scaled_rope" not in params and params["n_kv_heads"] == 32
 
 
-@pytest.mark.parametrize(
-    "dim, intermediate_size",
-    [(4096, 11008), (5120, 13824), (8192, 28672), (4096, 14336), (2048, 8192), (3072, 8192), (16384, 53248), (64, 1)],
-    ids=["llama2-7b", "llama2-13b", "70b", "llama3-8b", "llama3.2-1b", "llama3.2-3b", "405b", "tiny"],
-)
-def test_intermediate_size_maps_to_a_multiple_of_and_multiplier_that_reproduce_it(dim, intermediate_size):
-    multiple_of, multiplier = _ffn_shape(dim, intermediate_size)
-    assert swiglu_hidden_dim(4 * dim, multiple_of, multiplier) == intermediate_size
-    if (dim, intermediate_size) in ((4096, 11008), (5120, 13824)):
-        assert (multiple_of, multiplier) == (256, None)  # what Meta's params.json says for Llama 2 7B and 13B
+# Meta's params.json for each model (dim, multiple_of, ffn_dim_multiplier) and the intermediate_size of the
+# config.json Meta published beside it: the model built from either has the same feed-forward size.
+PUBLISHED = {
+    "llama2-7b": ((4096, 256, None), 11008),
+    "llama2-13b": ((5120, 256, None), 13824),
+    "llama3-8b": ((4096, 1024, 1.3), 14336),
+    "llama3-70b": ((8192, 4096, 1.3), 28672),
+    "llama3.1-405b": ((16384, 4096, 1.2), 53248),
+    "llama3.2-1b": ((2048, 256, 1.5), 8192),
+    "llama3.2-3b": ((3072, 256, 1.0), 8192),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_a_configs_intermediate_size_is_the_feed_forward_size_metas_params_give(name):
+    (dim, multiple_of, multiplier), intermediate_size = PUBLISHED[name]
+    meta = ModelArgs(dim=dim, multiple_of=multiple_of, ffn_dim_multiplier=multiplier)
+    hf = model_args(config_params(BASE | {"hidden_size": dim, "intermediate_size": intermediate_size}))
+    assert hf.ffn_hidden_dim == meta.ffn_hidden_dim == intermediate_size
 
 
 def test_no_warning_for_the_many_config_keys_the_model_does_not_need(sharded):

@@ -10,10 +10,9 @@ import pytest
 import torch
 from distributed import torchrun_logits_many
 
-from llama.checkpoint import build_transformer, load_state_dict, model_args, read_params
-from llama.checkpoint_llama4 import FLAT_EXPERTS, RENAMED, ffn_shape, hf_params
-from llama.model import ModelArgs, swiglu_hidden_dim
-from llama.moe import moe_hidden_dim
+from llama.args import ModelArgs, config_params, model_args
+from llama.checkpoint import build_transformer, load_state_dict, read_params
+from llama.checkpoint_llama4 import FLAT_EXPERTS, RENAMED
 from llama.tiny import (
     TINY_LLAMA4_PARAMS,
     random_state_dict,
@@ -216,7 +215,7 @@ def test_experts_hidden_size_that_ranks_cannot_share(ckpt):
 HF_TEXT = dict(
     vocab_size=512,
     hidden_size=64,
-    intermediate_size=48,  # the experts' F; neither it nor 100 comes from multiple_of 16: the mapping derives them
+    intermediate_size=48,  # the experts' F; neither it nor 100 is what Meta's rules give for the tiny params
     intermediate_size_mlp=100,
     num_hidden_layers=4,
     num_attention_heads=8,
@@ -286,7 +285,7 @@ def test_a_llama4_for_causal_lm_folder_gives_the_logits_of_transformers(hf_causa
     assert len(list(path.glob("model-*.safetensors"))) > 1
     args = args_for(read_params(path))
     assert (args.nope_layer_interval, args.moe_args.interleave_moe_layer_step, args.attention_chunk_size) == (4, 2, 8)
-    assert (moe_hidden_dim(args), swiglu_hidden_dim(4 * 64, args.multiple_of, args.ffn_dim_multiplier)) == (48, 100)
+    assert (args.expert_hidden_dim, args.ffn_hidden_dim) == (48, 100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing skipped, nothing to say
         got = logits(path, args)
@@ -319,25 +318,13 @@ BASE = dict(HF_TEXT, architectures=["Llama4ForCausalLM"], model_type="llama4_tex
 )
 def test_llama4_configs_this_library_cannot_compute_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
-        hf_params(BASE | change, "config.json")
+        config_params(BASE | change, "config.json")
 
 
 def test_a_llama4_config_missing_a_size_names_it():
     config = {k: v for k, v in BASE.items() if k != "intermediate_size_mlp"}
     with pytest.raises(ValueError, match="config.json lacks intermediate_size_mlp"):
-        hf_params(config, "config.json")
-
-
-@pytest.mark.parametrize(
-    "dim, experts, dense",
-    [(5120, 8192, 16384), (64, 48, 100), (64, 112, 208), (96, 7, 33), (4096, 8192, 14336)],
-    ids=["scout-maverick", "tiny", "tiny-writer", "odd", "mixed"],
-)
-def test_hidden_sizes_map_to_meta_settings_that_reproduce_them(dim, experts, dense):
-    params = ffn_shape(dim, experts, dense, "config.json")
-    args = ModelArgs(dim=dim, n_heads=1, moe_args=dict(num_experts=1), **params)
-    assert moe_hidden_dim(args) == experts
-    assert swiglu_hidden_dim(4 * dim, args.multiple_of, args.ffn_dim_multiplier) == dense
+        config_params(config, "config.json")
 
 
 def test_a_scout_config_maps_to_scouts_params_json():
@@ -372,7 +359,7 @@ def test_a_scout_config_maps_to_scouts_params_json():
         ),
     )
     config = {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text}
-    params = hf_params(config, "config.json")
+    params = config_params(config, "config.json")
     expected = dict(n_layers=48, n_heads=40, n_kv_heads=8, nope_layer_interval=4, use_qk_norm=True)
     expected |= dict(
         attention_chunk_size=8192, use_scaled_rope=True, rope_scaling_factor=16.0, rope_high_freq_factor=1.0
@@ -380,11 +367,11 @@ def test_a_scout_config_maps_to_scouts_params_json():
     assert {k: params[k] for k in expected} == expected
     assert params["moe_args"] == dict(num_experts=16, top_k=1, interleave_moe_layer_step=1)
     assert params["attn_temperature_tuning"] is True
-    args = ModelArgs(**params)  # Meta's Scout: multiple_of 2048, ffn_dim_multiplier 1.2, ffn_exp 4 give the same sizes
-    assert (moe_hidden_dim(args), swiglu_hidden_dim(4 * 5120, args.multiple_of, args.ffn_dim_multiplier)) == (
-        8192,
-        16384,
-    )
+    # The sizes config.json states are those Meta's sizing rules give for Scout's params.json
+    args = ModelArgs(**params)
+    scout = dict(dim=5120, n_heads=40, multiple_of=2048, ffn_dim_multiplier=1.2, ffn_exp=4.0)
+    meta = ModelArgs(**scout, moe_args=dict(num_experts=16, capacity_factor=1.0, auto_scale_F=True))
+    assert (args.expert_hidden_dim, args.ffn_hidden_dim) == (meta.expert_hidden_dim, meta.ffn_hidden_dim) == (8192, 16384)
 
 
 # --- several processes ----------------------------------------------------------------------------------------

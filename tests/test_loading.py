@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from llama import Llama
-from llama.checkpoint import load_state_dict, model_args
+from llama.args import model_args
+from llama.checkpoint import load_state_dict
 from llama.tiny import TINY_PARAMS, random_state_dict, write_byte_tokenizer, write_checkpoint
 
 

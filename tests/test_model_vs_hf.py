@@ -4,7 +4,8 @@ import pytest
 import torch
 from hf_reference import hf_model
 
-from llama.checkpoint import build_transformer, model_args
+from llama.args import model_args
+from llama.checkpoint import build_transformer
 from llama.model import precompute_freqs_cis
 from llama.tiny import random_state_dict, write_checkpoint
 
@@ -95,7 +96,7 @@ def test_llama_32_small_models_use_rope_factor_32_like_hf_configs(size):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    # The factor is decided where params.json is read (llama.checkpoint.model_args), then explicit in ModelArgs.
+    # The factor is decided where params.json is read (llama.args.model_args), then explicit in ModelArgs.
     args = model_args(dict(**LLAMA_32_SHAPES[size], vocab_size=128256, rope_theta=500000.0, use_scaled_rope=True))
     assert args.rope_scaling_factor == 32.0
     config = LlamaConfig(

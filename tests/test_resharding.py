@@ -12,7 +12,8 @@ import torch
 from distributed import ROOT, torchrun_logits_many
 from hf_reference import hf_model
 
-from llama.checkpoint import build_transformer, load_state_dict, model_args
+from llama.args import model_args
+from llama.checkpoint import build_transformer, load_state_dict
 from llama.tiny import random_state_dict, shard_state_dict, write_byte_tokenizer, write_checkpoint
 
 LAYOUTS = {
@@ -137,7 +138,8 @@ def test_heads_that_cannot_be_shared_by_the_ranks(checkpoints, layout, world, ma
 MEASURE = """
 import json, sys, torch
 sys.path.insert(0, {root!r})
-from llama.checkpoint import load_state_dict, model_args
+from llama.args import model_args
+from llama.checkpoint import load_state_dict
 
 def status(key):
     for line in open("/proc/self/status"):
