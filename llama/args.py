@@ -3,7 +3,7 @@ into them, the RoPE defaults a params.json leaves out, and the sizes derived fro
 
 import typing
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Optional, Union
 
 
@@ -14,7 +14,7 @@ class MoEArgs:
     num_experts: int = -1
     top_k: int = 1  # experts per token (1 in the released models)
     capacity_factor: float = 1.0
-    auto_scale_F: bool = True  # noqa: N815 (Meta's name): divide the experts' hidden size by capacity_factor + 1
+    auto_scale_F: bool = True  # Meta's name; divide the experts' hidden size by capacity_factor + 1
     interleave_moe_layer_step: int = 1  # every n-th layer is a MoE layer (Scout 1, Maverick 2)
 
 
@@ -140,10 +140,10 @@ def _has_type(value, hint) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is MoEArgs:
+    if is_dataclass(hint):  # a nested object of params.json (moe_args)
         if not isinstance(value, dict):
             return False
-        hints = typing.get_type_hints(MoEArgs)
+        hints = typing.get_type_hints(hint)
         return set(value) <= set(hints) and all(_has_type(v, hints[k]) for k, v in value.items())
     return isinstance(value, hint)
 
@@ -162,11 +162,12 @@ def model_args(params: dict, source: str = "params.json", **overrides) -> ModelA
     kwargs.update(overrides)
     for key, value in kwargs.items():
         if not _has_type(value, known[key]):
-            expected = "an object with keys among " + ", ".join(f.name for f in fields(MoEArgs))
-            if known[key] is not MoEArgs:
-                expected = " or ".join(
-                    getattr(h, "__name__", str(h)) for h in typing.get_args(known[key]) or [known[key]]
-                )
+            hints = typing.get_args(known[key]) or [known[key]]
+            nested = [h for h in hints if is_dataclass(h)]
+            if nested:
+                expected = "an object with keys among " + ", ".join(f.name for f in fields(nested[0]))
+            else:
+                expected = " or ".join(getattr(h, "__name__", str(h)) for h in hints)
             raise ValueError(f"{source}: '{key}' must be {expected}, got {value!r}")
     try:
         return ModelArgs(**kwargs)

@@ -300,7 +300,10 @@ class _LazyTensor:
         self.shape = torch.Size(self._slice.get_shape())
         stored = self._slice.get_dtype()
         if stored not in SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} holds {stored}, not floating-point weights")
+            raise ValueError(
+                f"{path}: tensor {name!r} holds {stored} values, which this library does not read: "
+                "is it a quantized checkpoint? Only plain Llama weights load here"
+            )
         self.dtype = SAFETENSORS_DTYPES[stored]
         self._start = [0] * len(self.shape)  # where this tensor lies in the stored one (see part)
 

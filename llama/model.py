@@ -3,7 +3,8 @@
 Names are Meta's (wq, wk, wv, wo, w1, w2, w3, freqs_cis), so the state-dict keys are exactly those of
 consolidated.NN.pth. Linear layers are fairscale's model-parallel ones; with one process they are plain.
 Llama 4 is the Llama 3 block with a few per-layer switches (layers without RoPE, QK norm, chunked local
-attention, attention temperature tuning) and a mixture-of-experts feed-forward (llama/moe.py).
+attention, attention temperature tuning) and a mixture-of-experts feed-forward (llama/moe.py). The settings
+(ModelArgs) and the sizes derived from them (head_dim, the hidden sizes) are in llama/args.py.
 """
 
 import math

@@ -80,6 +80,23 @@ def test_a_sharded_safetensors_folder_gives_the_logits_of_transformers(sharded):
     torch.testing.assert_close(llama.model(TOKENS, 0), hf_logits(hf), atol=ATOL, rtol=0)
 
 
+def test_a_build_resolves_the_folder_once_reads_each_settings_file_once_and_makes_one_model_args(
+    sharded, monkeypatch
+):
+    import llama.checkpoint
+
+    located, read, made = [], [], []
+    locate, read_json, post_init = llama.checkpoint._locate, llama.checkpoint._read_json, ModelArgs.__post_init__
+    monkeypatch.setattr(llama.checkpoint, "_locate", lambda path: located.append(path) or locate(path))
+    monkeypatch.setattr(llama.checkpoint, "_read_json", lambda path: read.append(path.name) or read_json(path))
+    monkeypatch.setattr(ModelArgs, "__post_init__", lambda self: made.append(self) or post_init(self))
+    path, hf = sharded
+    llama = build(path)
+    assert (len(located), sorted(read), len(made)) == (1, ["config.json", "model.safetensors.index.json"], 1)
+    assert llama.model.params is made[0]
+    torch.testing.assert_close(llama.model(TOKENS[:, :8], 0), hf_logits(hf, TOKENS[:, :8]), atol=ATOL, rtol=0)
+
+
 def test_the_logits_check_can_tell_a_wrong_rope_factor(sharded, tmp_path):
     path, hf = sharded
     for f in path.iterdir():
