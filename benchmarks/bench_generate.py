@@ -210,7 +210,7 @@ def meta_step_fn(model: torch.nn.Module) -> Callable:
     return step
 
 
-def ours_step_fn(model: torch.nn.Module) -> Callable:
+def ours_step_fn(model: Callable) -> Callable:
     def step(tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         return model(tokens, start_pos, last_only=True)[:, -1].argmax(dim=-1, keepdim=True)
 
@@ -501,21 +501,21 @@ def main() -> None:
     if "compiled" in systems or "int8+compiled" in systems:
         from llama.fast import compile_decode
     if "compiled" in systems:
-        built["compiled"] = compile_decode(choose_cpu_matmul(build_ours(args, state, device, dtype)))
-        step_fns["compiled"] = ours_step_fn(built["compiled"])
+        built["compiled"] = choose_cpu_matmul(build_ours(args, state, device, dtype))
+        step_fns["compiled"] = ours_step_fn(compile_decode(built["compiled"]))
     if "int8+compiled" in systems:
         from llama.quantize import quantize_int8
 
-        built["int8+compiled"] = compile_decode(quantize_int8(build_ours(args, state, device, dtype)))
-        step_fns["int8+compiled"] = ours_step_fn(built["int8+compiled"])
+        built["int8+compiled"] = quantize_int8(build_ours(args, state, device, dtype))
+        step_fns["int8+compiled"] = ours_step_fn(compile_decode(built["int8+compiled"]))
     for name in ("graphs", "int8+graphs"):
         if name in systems and device.type == "cuda":
             from llama.fast import cuda_graph_decode
             from llama.quantize import quantize_int8
 
             model = build_ours(args, state, device, dtype)
-            built[name] = cuda_graph_decode(quantize_int8(model) if "int8" in name else model)
-            step_fns[name] = ours_step_fn(built[name])
+            built[name] = quantize_int8(model) if "int8" in name else model
+            step_fns[name] = ours_step_fn(cuda_graph_decode(built[name]))
     if "F.linear" in systems:
         built["F.linear"] = build_ours(args, state, device, dtype)  # same weights, own cache
         step_fns["F.linear"] = ours_step_fn(built["F.linear"])
@@ -578,7 +578,13 @@ def main() -> None:
     context = opts.prompt_len + opts.new_tokens // 2
     print(f"# machine: {machine(device)}")
     if device.type == "cpu":
-        paths = ", ".join(f"{o}x{i} {path}" for (o, i), path in ours.cpu_matmul.items()) or "F.linear (not bfloat16)"
+        from llama.parallel import ColumnParallelLinear, RowParallelLinear
+
+        chosen = {tuple(m.packed.shape): "packed" for m in ours.modules() if isinstance(m, PackedLinear)}
+        for m in ours.modules():
+            if isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.weight.dtype == torch.bfloat16:
+                chosen.setdefault(tuple(m.weight.shape), "F.linear")
+        paths = ", ".join(f"{o}x{i} {path}" for (o, i), path in chosen.items()) or "F.linear (not bfloat16)"
         print(f"# matrix products chosen by llama.cpu.choose_cpu_matmul in {chose_s:.2f} s: {paths}")
     print(
         f"# {opts.model}: {args.n_layers} layers, dim {args.dim}, vocab {args.vocab_size}; {dtype}; prompt "

@@ -6,6 +6,7 @@ import ctypes
 import math
 import mmap
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +14,7 @@ from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallel
 from torch import nn
 
 from llama.moe import Experts, MoE
-from llama.parallel import ParallelLinear
+from llama.parallel import ParallelLinear, replace_linear_layers
 
 # Enough weights per timed pass to read far more than a CPU's caches hold, as a decode step does.
 TIMED_BYTES = 64 << 20
@@ -95,37 +96,40 @@ class PackedExperts(nn.Module):
 
 
 def choose_cpu_matmul(model: nn.Module) -> nn.Module:
-    """For each shape of bfloat16 CPU weight among model's Column/RowParallelLinear layers and Llama 4's experts,
-    time one-row products (a decode step's) over some of the model's own weights of that shape, as they are and
-    packed, and swap the layers of that shape for PackedLinear where packed is faster (the experts for
-    PackedExperts where both their shapes are); in place. model.cpu_matmul records the choices."""
-    shapes: dict[tuple, list] = {}  # weight shape -> [(parent module, attribute name, layer)]
-    matrices: dict[tuple, list] = {}  # weight shape -> weights of that shape, as nn.Linear holds them
-    experts = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, Experts)]
-    for parent in list(model.modules()):
-        for name, layer in parent.named_children():
-            if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
-                shapes.setdefault(tuple(layer.weight.shape), []).append((parent, name, layer))
-                matrices.setdefault(tuple(layer.weight.shape), []).append(layer.weight)
-    for moe in experts:
+    """For each shape of bfloat16 CPU weight among model's Column/RowParallelLinear layers and Llama 4's experts, time
+    one-row products (a decode step's) over some of the model's own weights of that shape, as they are and packed,
+    and swap the layers of the shapes where packed is faster for PackedLinear (the experts for PackedExperts where
+    both their shapes are); in place. Returns the model."""
+    weights: dict[tuple, list] = {}  # weight shape -> the model's weights of that shape, as nn.Linear holds them
+    for layer in model.modules():
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)):
+            weights.setdefault(tuple(layer.weight.shape), []).append(layer.weight)
+    moes = [m for m in model.modules() if isinstance(m, MoE) and isinstance(m.experts, Experts)]
+    for moe in moes:
         for w in (moe.experts.w1, moe.experts.w2):
-            matrices.setdefault(tuple(w.shape[:0:-1]), []).extend(w.mT)
-    model.cpu_matmul = {}
-    for shape, weights in matrices.items():
-        weight = weights[0]
-        if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
-            continue  # float32 products run MKL's kernels, not oneDNN's
-        sample = weights[: math.ceil(TIMED_BYTES / weight.nbytes)]
-        packed = [pack(w) for w in sample]
-        x = torch.ones(1, shape[1], dtype=weight.dtype)
-        with torch.inference_mode():
-            use_packed = faster(packed_linear, F.linear, x, packed, sample)
-        model.cpu_matmul[shape] = "packed" if use_packed else "F.linear"
-        for i, (parent, name, layer) in enumerate(shapes.get(shape, []) if use_packed else []):
-            setattr(parent, name, PackedLinear(layer, packed[i] if i < len(packed) else pack(layer.weight)))
-            release(layer.weight)
-    for moe in experts:
-        w1, w2 = moe.experts.w1, moe.experts.w2
-        if model.cpu_matmul.get(tuple(w1.shape[:0:-1])) == model.cpu_matmul.get(tuple(w2.shape[:0:-1])) == "packed":
+            weights.setdefault(tuple(w.shape[:0:-1]), []).extend(w.mT)
+    packed = {shape for shape, same_shape in weights.items() if packing_is_faster(same_shape)}
+
+    def packed_layer(layer: nn.Module) -> Optional[nn.Module]:
+        if tuple(layer.weight.shape) not in packed:
+            return None
+        new = PackedLinear(layer, pack(layer.weight))
+        release(layer.weight)
+        return new
+
+    replace_linear_layers(model, packed_layer)
+    for moe in moes:
+        if {tuple(moe.experts.w1.shape[:0:-1]), tuple(moe.experts.w2.shape[:0:-1])} <= packed:
             moe.experts = PackedExperts(moe.experts)
     return model
+
+
+def packing_is_faster(weights: list[torch.Tensor]) -> bool:
+    """Whether one-row products over (some of) these weights of one shape take less time packed than as they are."""
+    weight = weights[0]
+    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16:
+        return False  # float32 products run MKL's kernels, not oneDNN's
+    sample = weights[: math.ceil(TIMED_BYTES / weight.nbytes)]
+    x = torch.ones(1, weight.shape[1], dtype=weight.dtype)
+    with torch.inference_mode():
+        return faster(packed_linear, F.linear, x, [pack(w) for w in sample], sample)

@@ -1,16 +1,21 @@
-"""Opt-in fast decoding (one new token per sequence), the step the generation loop runs once per token:
-torch.compile of the step (compile_decode), and on a GPU, CUDA graphs of it (cuda_graph_decode). Prompts keep
-the eager path. Same tokens as the plain model (tests/test_fast_paths.py, tests/test_cuda.py)."""
+"""Opt-in fast decoding: faster ways to run the model's own forward for the one-token steps the generation loop
+takes once per token. compile_decode: torch.compile of the forward; cuda_graph_decode: the forward recorded as
+CUDA graphs. Each returns a step called as the model is, model(tokens, start_pos, last_only), which leaves every
+other call (prompts) to the model. Same tokens as the plain model (tests/test_fast_paths.py, tests/test_cuda.py)."""
 
 import warnings
+from typing import Callable
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 from torch import nn
 
 from llama.model import Transformer
+from llama.parallel import replace_linear_layers
+
+DecodeStep = Callable[..., torch.Tensor]  # (tokens, start_pos, last_only=False) -> logits, as Transformer.forward
 
 
 class Linear(nn.Module):
@@ -32,26 +37,23 @@ class Embedding(Linear):
         return F.embedding(tokens, self.weight)
 
 
-def without_fairscale(model: nn.Module) -> nn.Module:
+def without_fairscale(model: Transformer) -> Transformer:
     """On a single model-parallel rank, swap fairscale's layers for plain ones (same weights), in place."""
     if fs_init.get_model_parallel_world_size() == 1:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, (ColumnParallelLinear, RowParallelLinear)):
-                    setattr(parent, name, Linear(child))
-                elif isinstance(child, VocabParallelEmbedding):
-                    setattr(parent, name, Embedding(child))
+        replace_linear_layers(model, Linear)
+        if isinstance(model.tok_embeddings, VocabParallelEmbedding):
+            model.tok_embeddings = Embedding(model.tok_embeddings)
     return model
 
 
-def compile_decode(model: Transformer) -> Transformer:
-    """Route model(tokens, start_pos) calls with one token per sequence through torch.compile, in place.
+def compile_decode(model: Transformer) -> DecodeStep:
+    """The model's one-token steps through torch.compile of its forward; on one rank, fairscale's layers are
+    swapped for plain ones first (in place).
 
-    The first decode steps compile (about a minute for a 1B model on a small CPU); positions are marked
-    dynamic, so one compiled graph serves every position. Returns the model.
+    The first steps compile (about a minute for a 1B model on a small CPU); positions are marked dynamic, so one
+    compiled graph serves every position.
     """
     without_fairscale(model)
-    eager = model.forward
     # On a CPU, store every intermediate instead of recomputing it inside each consumer: otherwise the
     # compiler folds RMSNorm into the int8 layers' dot products, redoing it for every weight row. At one
     # token the stored intermediates are a few KB.
@@ -59,35 +61,40 @@ def compile_decode(model: Transformer) -> Transformer:
     options = {"realize_opcount_threshold": 0, "realize_reads_threshold": 0} if cpu else None
     # Compile the forward without its inference_mode decorator, and enter inference mode outside the
     # compiled region: entering it inside breaks dynamic-shape tracing of the cache slices.
-    compiled = torch.compile(eager.__wrapped__.__get__(model), dynamic=True, options=options)
-
+    compiled = torch.compile(model.forward.__wrapped__.__get__(model), dynamic=True, options=options)
     chunk_size = model.params.attention_chunk_size
 
-    def forward(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+    def decode_step(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
         # The first position of a chunk (Llama 4) attends over one key in its chunked layers; inductor (torch
         # 2.13) miscompiles a product over a dimension of symbolic size that is 1 at run time, so that step, one
         # in every chunk, runs eagerly.
         if tokens.shape[1] != 1 or (chunk_size and start_pos % chunk_size == 0):
-            return eager(tokens, start_pos, last_only)
+            return model(tokens, start_pos, last_only)
         with torch.inference_mode():
             return compiled(tokens, start_pos, last_only)
 
-    model.forward = forward
-    return model
+    return decode_step
 
 
 class CUDAGraphDecode:
     """Replays the model's one-token step from a CUDA graph per batch size, recorded on first use: one launch
     per token instead of hundreds, so the GPU never waits for Python. The graph records the model's own
-    forward with the position in a device tensor, so every shape is the same at every position."""
+    forward with the position in a device tensor, so every shape is the same at every position. Prompts, and
+    everything on a CPU, go to the model."""
 
-    def __init__(self, model: Transformer, forward):
+    def __init__(self, model: Transformer):
         self.model = model
-        self.forward = forward  # the model's forward before cuda_graph_decode replaced it
         self.graphs: dict[int, tuple] = {}
 
+    def __call__(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        bsz, seqlen = tokens.shape
+        fits = bsz <= self.model.params.max_batch_size and 0 <= start_pos < self.model.params.max_seq_len
+        if seqlen != 1 or not tokens.is_cuda or not fits:
+            return self.model(tokens, start_pos, last_only)  # (which raises the errors of calls that do not fit)
+        return self.replay(tokens, start_pos)
+
     @torch.inference_mode()
-    def __call__(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def replay(self, tokens: torch.Tensor, start_pos: int) -> torch.Tensor:
         bsz = tokens.shape[0]
         if bsz not in self.graphs:
             self.graphs[bsz] = self.record(bsz, tokens.device, start_pos)
@@ -108,30 +115,18 @@ class CUDAGraphDecode:
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.forward(tokens, pos)
+                self.model(tokens, pos)
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.forward(tokens, pos)
+            logits = self.model(tokens, pos)
         return graph, tokens, pos, logits
 
 
-def cuda_graph_decode(model: Transformer) -> Transformer:
-    """Route model(tokens, start_pos) calls with one token per sequence on a CUDA GPU through CUDA graphs
-    (CUDAGraphDecode), in place; prompts, and everything on a CPU, keep the eager path. Returns the model."""
+def cuda_graph_decode(model: Transformer) -> DecodeStep:
+    """The model's one-token steps on a CUDA GPU replayed from CUDA graphs (CUDAGraphDecode)."""
     if model.params.moe_args is not None:
         # The routed experts ask the host how many tokens each expert has, which a graph cannot record.
         warnings.warn("CUDA graphs do not cover Llama 4's routed experts yet: decoding runs eagerly", stacklevel=2)
         return model
-    eager = model.forward
-    graphs = model.decode_graphs = CUDAGraphDecode(model, eager)
-
-    def forward(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        bsz, seqlen = tokens.shape
-        fits = bsz <= model.params.max_batch_size and 0 <= start_pos < model.params.max_seq_len
-        if seqlen != 1 or not tokens.is_cuda or not fits:
-            return eager(tokens, start_pos, last_only)  # (which raises the errors of calls that do not fit)
-        return graphs(tokens, start_pos)
-
-    model.forward = forward
-    return model
+    return CUDAGraphDecode(model)

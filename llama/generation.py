@@ -2,21 +2,20 @@
 
 import math
 import numbers
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Optional, TypedDict, Union
+from typing import NamedTuple, Optional, TypedDict, TypeVar, Union
 
 import torch
 
-from llama.chat_format import ChatFormat, Dialog, Message, StopReason, has_special_tags
+from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, resolve
 from llama.cpu import choose_cpu_matmul
-from llama.distributed import DTYPES, default_device, default_dtype, init_distributed  # noqa: F401
+from llama.distributed import DTYPES, default_device, default_dtype, init_distributed
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
 from llama.quantize import quantize_int8
-from llama.sampling import nucleus, sample_top_p, token_logprobs, top_p_probs  # noqa: F401
+from llama.sampling import sample, token_logprobs
 from llama.tokenizer import Tokenizer
 
 
@@ -93,15 +92,29 @@ class Llama:
                 f"{tokenizer.n_words} tokens: pass the tokenizer.model that came with this model"
             )
         model = build_transformer(ckpt, args, device, dtype, rank, world)
+        # The fast paths, applied from outside the model: each swaps some of its layers for others that compute the
+        # same product, or runs its forward for the one-token steps of decoding. model.py's forward stays the math.
         if quantize == "int8":
             model = quantize_int8(model)
         model = choose_cpu_matmul(model)  # bfloat16 on a CPU: the faster of two matrix-product paths, measured
-        if compile:
-            model = cuda_graph_decode(model) if device.type == "cuda" else compile_decode(model)
-        return Llama(model, tokenizer, seed=seed)
+        decode_step = model
+        if compile and device.type == "cuda":
+            decode_step = cuda_graph_decode(model)
+        elif compile:
+            decode_step = compile_decode(model)
+        return Llama(model, tokenizer, seed=seed, decode_step=decode_step)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, seed: int = 1):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        seed: int = 1,
+        decode_step: Optional[Callable[..., torch.Tensor]] = None,
+    ):
         self.model = model
+        # The decoding loop's one-token step, called as model(tokens, start_pos): the model, or a faster path to its
+        # forward (llama/fast.py). Prompts always go through the model itself.
+        self.decode_step = decode_step if decode_step is not None else model
         self.tokenizer = tokenizer
         self.formatter = ChatFormat(tokenizer)
         # Token ids that end a generated sequence (not output themselves); the tokenizer's by default.
@@ -112,7 +125,7 @@ class Llama:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._run_id = 0  # which generation owns the KV cache; a paused stream checks it when resumed
 
-    # -- Generation over token ids ---------------------------------------------------------------------------
+    # -- The entry points: check the arguments, run the decoding loop, shape its outputs -------------------------
 
     def generate(
         self,
@@ -128,10 +141,9 @@ class Llama:
         A sequence ends at its first stop token (not included), at max_gen_len, or at max_seq_len.
         logprobs: the log-probability of each returned token; echo: return the prompt tokens too.
         """
-        prompt_tokens = self._check_prompt_tokens(prompt_tokens, "prompt_tokens")
-        max_gen_len = _check_max_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p)
-        return self._generate(prompt_tokens, max_gen_len, temperature, top_p, bool(logprobs), bool(echo))
+        prompts, max_gen_len = self._prepare("prompt_tokens", prompt_tokens, max_gen_len, temperature, top_p)
+        outputs = _drain(self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo))
+        return [out.tokens for out in outputs], [out.logprobs for out in outputs] if logprobs else None
 
     def generate_stream(
         self,
@@ -146,13 +158,8 @@ class Llama:
         Arguments are checked here, before the first step. One generation at a time per Llama object:
         a stream paused while another call runs raises RuntimeError when resumed.
         """
-        prompt_tokens = self._check_prompt_tokens(prompt_tokens, "prompt_tokens")
-        max_gen_len = _check_max_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p)
-        batch, steps = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, echo=False)
-        return self._stream_tokens(batch, steps)
-
-    # -- Text and chat -----------------------------------------------------------------------------------------
+        prompts, max_gen_len = self._prepare("prompt_tokens", prompt_tokens, max_gen_len, temperature, top_p)
+        return self._generate(prompts, max_gen_len, temperature, top_p)
 
     def text_completion(
         self,
@@ -164,18 +171,15 @@ class Llama:
         echo: bool = False,
     ) -> list[CompletionPrediction]:
         """Complete each prompt; max_gen_len None means up to max_seq_len - 1 tokens."""
-        prompt_tokens = self._encode_prompts(prompts)
-        max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p)
-        tokens, token_logprobs = self._generate(
-            prompt_tokens, max_gen_len, temperature, top_p, bool(logprobs), bool(echo)
-        )
-        if logprobs:
-            return [
-                {"generation": self.tokenizer.decode(t), "tokens": self._token_pieces(t), "logprobs": lp}
-                for t, lp in zip(tokens, token_logprobs)
-            ]
-        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+        prompt_tokens, max_gen_len = self._prepare("prompts", prompts, max_gen_len, temperature, top_p)
+        outputs = _drain(self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo))
+        results: list[CompletionPrediction] = []
+        for out in outputs:
+            result: CompletionPrediction = {"generation": self.tokenizer.decode(out.tokens)}
+            if logprobs:
+                result.update(tokens=self._pieces(out.tokens), logprobs=out.logprobs)
+            results.append(result)
+        return results
 
     def chat_completion(
         self,
@@ -190,30 +194,16 @@ class Llama:
         "stop_reason" ("end_of_turn", "end_of_message": it waits for a tool's result, "out_of_tokens") and,
         when the model called tools (Llama 3.1+, Llama 4), "tool_calls". tool_prompt_format: how the
         dialogs' calls to functions are written ("json", "function_tag" or "python_list")."""
-        if isinstance(dialogs, (str, Mapping)) or not isinstance(dialogs, Sequence):
-            raise ValueError("dialogs must be a list of dialogs, each a list of {'role': ..., 'content': ...} messages")
-        self._check_batch_size(len(dialogs), "dialogs")
-        max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p)
-        encoded = [self._encode_dialog(d, i, tool_prompt_format) for i, d in enumerate(dialogs)]  # None: refused
-        prompt_tokens = [t for t in encoded if t is not None]
-        tokens, token_logprobs, stops = [], [], []
-        if prompt_tokens:  # dialogs refused for their special tags cost no compute
-            batch, steps = self._start(prompt_tokens, max_gen_len, temperature, top_p, bool(logprobs), echo=False)
-            for _ in steps:
-                pass
-            tokens, token_logprobs, stops = _chat_outputs(batch, prompt_tokens)
+        prompts, max_gen_len = self._prepare("dialogs", dialogs, max_gen_len, temperature, top_p, tool_prompt_format)
+        # Dialogs refused for their special tags (None) get Meta's answer and cost no compute.
+        accepted = [p for p in prompts if p is not None]
+        outputs = iter(_drain(self._generate(accepted, max_gen_len, temperature, top_p, logprobs)) if accepted else ())
         results: list[ChatPrediction] = []
-        generated = iter(zip(tokens, token_logprobs, stops))
-        for prompt in encoded:
-            if prompt is None:
-                t, lp, message = [], [], _refusal()
-            else:
-                t, lp, stop = next(generated)
-                message = self._reply(t, self.formatter.stop_reason(stop))
-            result: ChatPrediction = {"generation": message}
+        for prompt in prompts:
+            out = next(outputs) if prompt is not None else Output([], [], None)
+            result: ChatPrediction = {"generation": self._reply(out) if prompt is not None else _refusal()}
             if logprobs:
-                result.update(tokens=self._token_pieces(t), logprobs=lp)
+                result.update(tokens=self._pieces(out.tokens), logprobs=out.logprobs)
             results.append(result)
         return results
 
@@ -226,11 +216,8 @@ class Llama:
     ) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as they are generated; joined they equal
         text_completion's generation. A piece never ends inside a multi-byte character."""
-        prompt_tokens = [self._encode_prompt(prompt, "prompt")]
-        max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p)
-        batch, steps = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs=False, echo=False)
-        return decode_stream(self.tokenizer, (t for step in self._stream_tokens(batch, steps) for t in step[0]))
+        prompts, max_gen_len = self._prepare("prompt", prompt, max_gen_len, temperature, top_p)
+        return decode_stream(self.tokenizer, _tokens(self._generate(prompts, max_gen_len, temperature, top_p), []))
 
     def chat_completion_stream(
         self,
@@ -243,174 +230,155 @@ class Llama:
         """Yield the assistant's next message for one dialog as text pieces, as they are generated (a tool
         call comes as its raw text). Once the pieces run out, the stream's `message` is the message
         chat_completion gives: content, stop_reason and tool_calls."""
-        prompt = self._encode_dialog(dialog, None, tool_prompt_format)
-        max_gen_len = self._default_gen_len(max_gen_len)
-        _check_sampling(temperature, top_p)
-        if prompt is None:
+        prompts, max_gen_len = self._prepare("dialog", dialog, max_gen_len, temperature, top_p, tool_prompt_format)
+        if prompts[0] is None:
             return ChatStream(iter([UNSAFE_ERROR]), _refusal)
-        batch, steps = self._start([prompt], max_gen_len, temperature, top_p, logprobs=False, echo=False)
-        pieces = decode_stream(self.tokenizer, (t for step in self._stream_tokens(batch, steps) for t in step[0]))
+        outputs: list[Output] = []
+        tokens = _tokens(self._generate(prompts, max_gen_len, temperature, top_p), outputs)
+        return ChatStream(decode_stream(self.tokenizer, tokens), lambda: self._reply(outputs[0]))
 
-        def message() -> Message:
-            tokens, _, stops = _chat_outputs(batch, [prompt])
-            return self._reply(tokens[0], self.formatter.stop_reason(stops[0]))
-
-        return ChatStream(pieces, message)
-
-    def _reply(self, tokens: list[int], stop_reason: StopReason) -> Message:
+    def _reply(self, out: "Output") -> Message:
         """A generated reply as an assistant message: its tool calls (content "") when it holds some, else its
         text as generated, as Meta's chat_completion gives it (llama-models' parser also strips end spaces)."""
-        message = self.formatter.decode_assistant_message(tokens, stop_reason)
+        stop_reason = self.formatter.stop_reason(out.stop_token)
+        message = self.formatter.decode_assistant_message(out.tokens, stop_reason)
         if message.get("tool_calls"):
             return message
-        return {"role": "assistant", "content": self.tokenizer.decode(tokens), "stop_reason": stop_reason}
+        return {"role": "assistant", "content": self.tokenizer.decode(out.tokens), "stop_reason": stop_reason}
 
-    # -- The decoding loop shared by every entry point ---------------------------------------------------------
+    def _pieces(self, tokens: list[int]) -> list[str]:
+        return [self.tokenizer.decode([t]) for t in tokens]
 
+    # -- The decoding loop of every entry point --------------------------------------------------------------
+
+    @torch.inference_mode()
     def _generate(
         self,
         prompt_tokens: list[list[int]],
         max_gen_len: int,
         temperature: float,
         top_p: float,
-        logprobs: bool,
-        echo: bool,
-    ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
-        batch, steps = self._start(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        for _ in steps:
-            pass
-        # One copy to the host for the whole batch, then plain list slicing.
-        tokens, ends = batch.tokens.tolist(), batch.stop_pos.tolist()
-        all_logprobs = batch.logprobs.tolist() if logprobs else None
-        out_tokens, out_logprobs = [], []
-        for i, prompt in enumerate(prompt_tokens):
-            start = 0 if echo else len(prompt)
-            out_tokens.append(tokens[i][start : ends[i]])
-            if all_logprobs is not None:
-                out_logprobs.append(all_logprobs[i][start : ends[i]])
-        return out_tokens, out_logprobs if logprobs else None
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> Generator[list[list[int]], None, list["Output"]]:
+        """Generate from checked prompts: yields, at each step that output tokens, the new tokens of every sequence
+        ([] for one that gave none), and returns each sequence's Output once every sequence is done.
 
-    def _start(
-        self,
-        prompt_tokens: list[list[int]],
-        max_gen_len: int,
-        temperature: float,
-        top_p: float,
-        logprobs: bool,
-        echo: bool,
-    ) -> tuple["_Batch", Iterator[int]]:
-        """Set up the token buffer for checked prompts; returns it and the iterator that runs the steps."""
-        max_seq_len = self.model.params.max_seq_len
-        lens = [len(t) for t in prompt_tokens]
-        min_prompt_len, max_prompt_len = min(lens), max(lens)
-        total_len = min(max_seq_len, max_gen_len + max_prompt_len)  # never past the KV cache
-
-        tokens = torch.zeros((len(prompt_tokens), total_len), dtype=torch.long)
+        A prefill feeds the prompts' common part; then each step feeds one token per sequence and writes the next:
+        sampled, or the prompt's own where a prompt is that long. A sequence ends at its first generated stop
+        token (not output), after max_gen_len tokens, or at max_seq_len.
+        """
+        self._run_id += 1
+        run_id = self._run_id
+        bsz, stop_tokens = len(prompt_tokens), set(self.stop_tokens)
+        prompt_lens = [len(t) for t in prompt_tokens]
+        min_prompt_len, max_prompt_len = min(prompt_lens), max(prompt_lens)
+        total_len = min(self.model.params.max_seq_len, max_prompt_len + max_gen_len)  # never past the KV cache
+        tokens = torch.zeros((bsz, total_len), dtype=torch.long)
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
-        prompt_lens = torch.tensor(lens, device=self.device)
-        end_pos = (prompt_lens + max_gen_len).clamp(max=total_len)
-        batch = _Batch(
-            tokens=tokens.to(self.device),
-            prompt_lens=prompt_lens,
-            end_pos=end_pos,
-            stop_pos=end_pos.clone(),
-            done=end_pos <= prompt_lens,  # a prompt that fills the context has no room to generate
-            new=torch.zeros_like(prompt_lens, dtype=torch.bool),
-            stop_tokens=torch.tensor(self.stop_tokens, dtype=torch.long, device=self.device),
-            logprobs=torch.zeros((len(prompt_tokens), total_len), device=self.device) if logprobs else None,
-        )
-        self._run_id += 1
-        # With echo and logprobs the prompts' own log-probabilities are returned, so run at least until
-        # the longest prompt has been through the model, even if every sequence stopped before.
-        min_stop = max_prompt_len - 1 if logprobs and echo else 0
-        steps = self._steps(batch, min_prompt_len, total_len, temperature, top_p, min_stop, self._run_id)
-        return batch, steps
+        tokens = tokens.to(self.device)
+        in_prompt = torch.arange(total_len) < torch.tensor(prompt_lens)[:, None]  # (bs, total_len)
+        in_prompt = in_prompt.to(self.device)
+        log_probs = torch.zeros((bsz, total_len), device=self.device) if logprobs else None
+        # Kept on the host: where each sequence must end (max_gen_len, the context), where its output ends (its
+        # stop token, else there), the stop token, and whether it is done (a prompt filling the context is at once).
+        end_pos = [min(n + max_gen_len, total_len) for n in prompt_lens]
+        stop_pos, stop, done = list(end_pos), [None] * bsz, [end <= n for end, n in zip(end_pos, prompt_lens)]
 
-    def _steps(
-        self,
-        batch: "_Batch",
-        min_prompt_len: int,
-        total_len: int,
-        temperature: float,
-        top_p: float,
-        min_stop: int,
-        run_id: int,
-    ) -> Iterator[int]:
-        if min_prompt_len == total_len:  # every prompt fills the context: nothing to generate
-            if batch.logprobs is not None:
-                self._prompt_logprobs(batch)
-            return
-        prev_pos = 0
+        # Prefill. Only log-probabilities need every position's logits; sampling needs the last one.
+        logits = self.model(tokens[:, :min_prompt_len], 0, last_only=not logprobs)
+        if logprobs:
+            log_probs[:, 1:min_prompt_len] = token_logprobs(logits[:, :-1], tokens[:, 1:min_prompt_len])
         for cur_pos in range(min_prompt_len, total_len):
             if run_id != self._run_id:
                 raise RuntimeError(
                     "another generation ran on this Llama object while this stream was paused, and reused its KV "
                     "cache: finish (or drop) one stream before starting the next call"
                 )
-            self._step(batch, prev_pos, cur_pos, temperature, top_p)
-            yield cur_pos
-            prev_pos = cur_pos
-            # The one host sync per step: stop once every sequence is done.
-            if cur_pos >= min_stop and bool(batch.done.all()):
-                return
+            if cur_pos > min_prompt_len:  # one token per sequence: the one written at the last step
+                logits = self.decode_step(tokens[:, cur_pos - 1 : cur_pos], cur_pos - 1)
+            next_token = sample(logits[:, -1], temperature, top_p, self.generator)
+            next_token = torch.where(in_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                log_probs[:, cur_pos] = token_logprobs(logits[:, -1:], next_token[:, None])[:, 0]
+            new: list[list[int]] = [[] for _ in range(bsz)]
+            for i, token in enumerate(next_token.tolist()):  # the one host sync per step
+                if done[i] or cur_pos < prompt_lens[i]:
+                    continue
+                if token in stop_tokens:  # only generated tokens stop a sequence, never a prompt's
+                    stop_pos[i], stop[i], done[i] = cur_pos, token, True
+                else:
+                    new[i].append(token)
+                    done[i] = cur_pos + 1 == end_pos[i]
+            if any(new):
+                yield new
+            # With echo and logprobs the prompts' own log-probabilities are returned, so run at least until the
+            # longest prompt has been through the model, even if every sequence is done before.
+            if all(done) and not (logprobs and echo and cur_pos < max_prompt_len - 1):
+                break
 
-    @torch.inference_mode()
-    def _step(self, b: "_Batch", prev_pos: int, cur_pos: int, temperature: float, top_p: float) -> None:
-        """Feed positions prev_pos..cur_pos-1 (the prompts' common part at first, then one token) and
-        write the token at cur_pos: a sampled one, or the prompt's own where a prompt is that long."""
-        # Only log-probabilities need every position's logits; sampling needs the last one.
-        logits = self.model(b.tokens[:, prev_pos:cur_pos], prev_pos, last_only=b.logprobs is None)
-        if temperature > 0:
-            # Subtract the maximum before dividing, and divide by no less than float32's smallest normal
-            # number: a tiny temperature then gives the other tokens -inf (probability 0), never 0 / 0.
-            last = logits[:, -1]
-            scaled = (last - last.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(last.dtype).tiny)
-            probs = torch.softmax(scaled, dim=-1)
-            next_token = sample_top_p(probs, top_p, self.generator).reshape(-1)
+        # One copy to the host for the whole batch, then plain list slicing.
+        all_tokens = tokens.tolist()
+        all_logprobs = log_probs.tolist() if logprobs else None
+        outputs = []
+        for i, n in enumerate(prompt_lens):
+            start = 0 if echo else n
+            out_logprobs = all_logprobs[i][start : stop_pos[i]] if all_logprobs is not None else None
+            outputs.append(Output(all_tokens[i][start : stop_pos[i]], out_logprobs, stop[i]))
+        return outputs
+
+    # -- Input checks: every user mistake is a ValueError that names the argument, raised before the KV cache is
+    # touched ---------------------------------------------------------------------------------------------------
+
+    def _prepare(
+        self,
+        name: str,
+        prompts: object,
+        max_gen_len: Optional[int],
+        temperature: float,
+        top_p: float,
+        tool_prompt_format: str = "json",
+    ) -> tuple[list[Optional[list[int]]], int]:
+        """Check a call's arguments and turn its prompts into token ids. name: the argument holding the prompts:
+        a list of "prompt_tokens" (token ids), "prompts" (texts) or "dialogs" (message lists), or one "prompt" or
+        "dialog". Returns each prompt's tokens (None for a Llama 2 dialog refused for its special tags) and
+        max_gen_len (None, except in generate: up to max_seq_len - 1)."""
+        max_batch_size, max_seq_len = self.model.params.max_batch_size, self.model.params.max_seq_len
+        if name in ("prompt", "dialog"):
+            named = [(name, prompts)]
         else:
-            next_token = torch.argmax(logits[:, -1], dim=-1)
-        generated = b.prompt_lens <= cur_pos
-        next_token = torch.where(generated, next_token, b.tokens[:, cur_pos])
-        b.tokens[:, cur_pos] = next_token
-        if b.logprobs is not None:
-            b.logprobs[:, prev_pos + 1 : cur_pos + 1] = token_logprobs(logits, b.tokens[:, prev_pos + 1 : cur_pos + 1])
-        # Stop tokens count only where this step generated, never inside a prompt.
-        live = generated & ~b.done
-        stop = live & torch.isin(next_token, b.stop_tokens)
-        b.new = live & ~stop
-        b.stop_pos = torch.where(stop, cur_pos, b.stop_pos)
-        b.done = b.done | stop | (b.end_pos <= cur_pos + 1)
+            if isinstance(prompts, (str, bytes, Mapping)) or not isinstance(prompts, Sequence):
+                raise ValueError(f"{name} must be {BATCHES[name]}")
+            if len(prompts) == 0:
+                raise ValueError(f"{name} is empty: pass at least one")
+            if len(prompts) > max_batch_size:
+                raise ValueError(
+                    f"{len(prompts)} {name} but max_batch_size is {max_batch_size}: pass at most {max_batch_size} at "
+                    "a time, or build the Llama with a larger max_batch_size"
+                )
+            named = [(f"{name}[{i}]", prompt) for i, prompt in enumerate(prompts)]
+        if name == "prompt_tokens":
+            tokens = [self._check_prompt(prompt, n) for n, prompt in named]
+        elif name.startswith("prompt"):
+            tokens = [self._encode_text(prompt, n) for n, prompt in named]
+        else:
+            tokens = [self._encode_dialog(dialog, n, tool_prompt_format) for n, dialog in named]
 
-    @torch.inference_mode()
-    def _prompt_logprobs(self, b: "_Batch") -> None:
-        logits = self.model(b.tokens, 0)
-        b.logprobs[:, 1:] = token_logprobs(logits[:, :-1], b.tokens[:, 1:])
-
-    def _stream_tokens(self, b: "_Batch", steps: Iterator[int]) -> Iterator[list[list[int]]]:
-        for cur_pos in steps:
-            # One host copy per step: the new token where there is one, else -1.
-            new = torch.where(b.new, b.tokens[:, cur_pos], -1).tolist()
-            if any(t >= 0 for t in new):
-                yield [[t] if t >= 0 else [] for t in new]
-
-    # -- Input checks: every user mistake is a ValueError, raised before the KV cache is touched -------------
-
-    def _check_batch_size(self, n: int, name: str) -> None:
-        max_batch_size = self.model.params.max_batch_size
-        if n == 0:
-            raise ValueError(f"{name} is empty: pass at least one")
-        if n > max_batch_size:
+        if max_gen_len is None and name != "prompt_tokens":
+            max_gen_len = max_seq_len - 1
+        if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 1:
             raise ValueError(
-                f"{n} {name} but max_batch_size is {max_batch_size}: pass at most {max_batch_size} at a time, "
-                "or build the Llama with a larger max_batch_size"
+                f"max_gen_len must be a positive integer (number of tokens to generate), got {max_gen_len!r}"
             )
-
-    def _check_prompt_tokens(self, prompt_tokens: list[list[int]], name: str) -> list[list[int]]:
-        if isinstance(prompt_tokens, (str, bytes)) or not isinstance(prompt_tokens, Sequence):
-            raise ValueError(f"{name} must be a list of prompts, each a list of token ids (ints)")
-        self._check_batch_size(len(prompt_tokens), name)
-        return [self._check_prompt(prompt, f"{name}[{i}]") for i, prompt in enumerate(prompt_tokens)]
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
+            raise ValueError(f"temperature must be a number >= 0 (0 for greedy decoding), got {temperature!r}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 for greedy decoding), got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1] (1 samples from every token), got {top_p!r}")
+        return tokens, int(max_gen_len)
 
     def _check_prompt(self, prompt: list[int], name: str) -> list[int]:
         vocab_size, max_seq_len = self.model.params.vocab_size, self.model.params.max_seq_len
@@ -436,24 +404,15 @@ class Llama:
             )
         return list(prompt)
 
-    def _encode_prompts(self, prompts: list[str]) -> list[list[int]]:
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise ValueError("prompts must be a list of strings (wrap a single prompt in a list)")
-        self._check_batch_size(len(prompts), "prompts")
-        return [self._encode_prompt(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
-
-    def _encode_prompt(self, prompt: str, name: str) -> list[int]:
+    def _encode_text(self, prompt: str, name: str) -> list[int]:
         if not isinstance(prompt, str):
             raise ValueError(f"{name} must be a string, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError(f"{name} is empty: give some text to complete")
         return self._check_prompt(self.tokenizer.encode(prompt, bos=True, eos=False), name)
 
-    def _encode_dialog(
-        self, dialog: Dialog, index: Optional[int], tool_prompt_format: str = "json"
-    ) -> Optional[list[int]]:
+    def _encode_dialog(self, dialog: Dialog, name: str, tool_prompt_format: str) -> Optional[list[int]]:
         """The prompt tokens of a dialog, or None for a Llama 2 dialog refused for its special tags."""
-        name = "dialog" if index is None else f"dialogs[{index}]"
         if isinstance(dialog, (str, Mapping)) or not isinstance(dialog, Sequence):
             raise ValueError(f"{name} must be a list of messages, each {{'role': ..., 'content': ...}}")
         if len(dialog) == 0:
@@ -478,14 +437,6 @@ class Llama:
         if self.formatter.style == "llama2" and has_special_tags(dialog):
             return None  # refused, whatever its length; Llama 3's format takes the tags as plain text
         return self._check_prompt(tokens, name)
-
-    def _default_gen_len(self, max_gen_len: Optional[int]) -> int:
-        if max_gen_len is None:
-            return self.model.params.max_seq_len - 1
-        return _check_max_gen_len(max_gen_len)
-
-    def _token_pieces(self, tokens: list[int]) -> list[str]:
-        return [self.tokenizer.decode([t]) for t in tokens]
 
 
 def decode_stream(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
@@ -534,45 +485,41 @@ class ChatStream:
             raise
 
 
-def _chat_outputs(
-    batch: "_Batch", prompt_tokens: list[list[int]]
-) -> tuple[list[list[int]], list[list[float]], list[Optional[int]]]:
-    """Each sequence's generated tokens and their log-probabilities (when computed), as generate gives them,
-    and the stop token that ended it (None when it ran out of tokens)."""
-    tokens, ends, limits = batch.tokens.tolist(), batch.stop_pos.tolist(), batch.end_pos.tolist()
-    all_logprobs = batch.logprobs.tolist() if batch.logprobs is not None else None
-    out, out_logprobs, stops = [], [], []
-    for i, prompt in enumerate(prompt_tokens):
-        out.append(tokens[i][len(prompt) : ends[i]])
-        out_logprobs.append(all_logprobs[i][len(prompt) : ends[i]] if all_logprobs is not None else None)
-        stops.append(tokens[i][ends[i]] if ends[i] < limits[i] else None)
-    return out, out_logprobs, stops
+class Output(NamedTuple):
+    """One sequence's result: its tokens (the prompt's first with echo), their log-probabilities when asked for,
+    and the stop token that ended it (None when it ran out of room: max_gen_len or max_seq_len)."""
+
+    tokens: list[int]
+    logprobs: Optional[list[float]]
+    stop_token: Optional[int]
 
 
-@dataclass
-class _Batch:
-    """The state of one batched generation, all on the model's device; bs = number of prompts."""
+# What each batch argument holds, for the error that says so.
+BATCHES = {
+    "prompt_tokens": "a list of prompts, each a list of token ids (ints)",
+    "prompts": "a list of strings (wrap a single prompt in a list)",
+    "dialogs": "a list of dialogs, each a list of {'role': ..., 'content': ...} messages",
+}
 
-    tokens: torch.Tensor  # (bs, total_len): each prompt, then its generated tokens
-    prompt_lens: torch.Tensor  # (bs,)
-    end_pos: torch.Tensor  # (bs,): the first position a sequence may not fill (max_gen_len, the context)
-    stop_pos: torch.Tensor  # (bs,): where each output ends: its first generated stop token, else end_pos
-    done: torch.Tensor  # (bs,) bool
-    new: torch.Tensor  # (bs,) bool: the last step gave this sequence a token to output
-    stop_tokens: torch.Tensor  # (n_stop,)
-    logprobs: Optional[torch.Tensor]  # (bs, total_len): log-probability of each token, when asked for
+R = TypeVar("R")
 
 
-def _check_sampling(temperature: float, top_p: float) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a number >= 0 (0 for greedy decoding), got {temperature!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 for greedy decoding), got {temperature!r}")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be a number in (0, 1] (1 samples from every token), got {top_p!r}")
+def _drain(steps: Generator[object, None, R]) -> R:
+    """Run a generation to its end; returns what its loop returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
-def _check_max_gen_len(max_gen_len: int) -> int:
-    if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 1:
-        raise ValueError(f"max_gen_len must be a positive integer (number of tokens to generate), got {max_gen_len!r}")
-    return int(max_gen_len)
+def _tokens(steps: Generator[list[list[int]], None, list[Output]], outputs: list[Output]) -> Iterator[int]:
+    """The tokens of a one-prompt generation as its steps give them; once they run out, outputs holds what the
+    loop returned."""
+    while True:
+        try:
+            [new] = next(steps)
+        except StopIteration as end:
+            outputs.extend(end.value)
+            return
+        yield from new

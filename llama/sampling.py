@@ -1,5 +1,5 @@
-"""Choosing the next token from the model's logits: nucleus (top-p) sampling as Meta's sample_top_p, and the
-log-probability of given tokens."""
+"""Choosing the next token from the model's logits: greedy, or nucleus (top-p) sampling as Meta's sample_top_p;
+and the log-probability of given tokens."""
 
 from typing import Optional
 
@@ -26,12 +26,17 @@ def nucleus(probs: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     return probs_sort.masked_fill(mass_before > p, 0.0), probs_idx
 
 
-def top_p_probs(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """probs (bs, vocab) restricted to the nucleus and renormalised; every other token has probability 0."""
-    if p >= 1:
-        return probs / probs.sum(dim=-1, keepdim=True)
-    probs_sort, probs_idx = nucleus(probs, p)
-    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort / probs_sort.sum(dim=-1, keepdim=True))
+def sample(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: Optional[torch.Generator] = None
+) -> torch.Tensor:
+    """The next token of each row of logits (bs, vocab): the most likely at temperature 0, else drawn from the
+    nucleus of softmax(logits / temperature). Returns (bs,)."""
+    if temperature == 0:
+        return torch.argmax(logits, dim=-1)
+    # Subtract the maximum before dividing, and divide by no less than float32's smallest normal number: a tiny
+    # temperature then gives the other tokens -inf (probability 0), never 0 / 0.
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, torch.finfo(logits.dtype).tiny)
+    return sample_top_p(torch.softmax(scaled, dim=-1), top_p, generator).reshape(-1)
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:

@@ -112,7 +112,7 @@ def test_cuda_graphs_give_the_eager_greedy_tokens(tmp_path):
         tokens, logits = greedy(graphed, prompt[:batch, :prompt_len], 40)
         assert torch.equal(tokens, expected_tokens)
         torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
-    assert sorted(graphed.decode_graphs.graphs) == [1, 3]
+    assert sorted(graphed.graphs) == [1, 3]
 
 
 def test_llama_build_with_cuda_graphs_generates_the_plain_tokens(tmp_path):

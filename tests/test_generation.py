@@ -15,7 +15,8 @@ from generation_helpers import (
     write_tiny,
 )
 
-from llama.generation import UNSAFE_ERROR, decode_stream, sample_top_p, token_logprobs, top_p_probs
+from llama.generation import UNSAFE_ERROR, decode_stream
+from llama.sampling import nucleus, sample_top_p, token_logprobs
 from llama.tiny import write_byte_tokenizer
 from llama.tokenizer import Tokenizer
 
@@ -137,6 +138,12 @@ def test_stop_tokens_end_each_sequence_on_its_own_and_never_in_the_prompt(llama,
 
 def test_the_default_stop_tokens_are_the_tokenizers(llama):
     assert llama.stop_tokens == list(llama.tokenizer.stop_tokens)
+
+
+def top_p_probs(probs, p):
+    """probs (bs, vocab) restricted to llama.sampling's nucleus and renormalised; every other token has 0."""
+    probs_sort, probs_idx = nucleus(probs, p)
+    return torch.zeros_like(probs).scatter_(-1, probs_idx, probs_sort / probs_sort.sum(dim=-1, keepdim=True))
 
 
 def test_top_p_keeps_exactly_the_nucleus():

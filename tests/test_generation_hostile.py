@@ -15,7 +15,8 @@ from generation_helpers import (
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from llama.generation import UNSAFE_ERROR, token_logprobs
+from llama.generation import UNSAFE_ERROR
+from llama.sampling import token_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
