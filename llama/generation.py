@@ -4,7 +4,7 @@ import math
 import numbers
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple, Optional, TypedDict, TypeVar, Union
+from typing import NamedTuple, Optional, TypedDict, Union
 
 import torch
 
@@ -33,6 +33,23 @@ class ChatPrediction(TypedDict, total=False):
 
 # Meta's Llama 2 answer to a dialog that writes the chat format's own tags ([INST], <<SYS>>, ...).
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
+
+
+class Output(NamedTuple):
+    """One sequence's result: its tokens (the prompt's first with echo), their log-probabilities when asked for,
+    and the stop token that ended it (None when it ran out of room: max_gen_len or max_seq_len)."""
+
+    tokens: list[int]
+    logprobs: Optional[list[float]]
+    stop_token: Optional[int]
+
+
+# What each batch argument holds, for the error that says so.
+BATCHES = {
+    "prompt_tokens": "a list of prompts, each a list of token ids (ints)",
+    "prompts": "a list of strings (wrap a single prompt in a list)",
+    "dialogs": "a list of dialogs, each a list of {'role': ..., 'content': ...} messages",
+}
 
 
 class Llama:
@@ -143,7 +160,7 @@ class Llama:
         """
         prompts, max_gen_len = self._prepare("prompt_tokens", prompt_tokens, max_gen_len, temperature, top_p)
         outputs = _drain(self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo))
-        return [out.tokens for out in outputs], [out.logprobs for out in outputs] if logprobs else None
+        return [out.tokens for out in outputs], ([out.logprobs for out in outputs] if logprobs else None)
 
     def generate_stream(
         self,
@@ -200,8 +217,12 @@ class Llama:
         outputs = iter(_drain(self._generate(accepted, max_gen_len, temperature, top_p, logprobs)) if accepted else ())
         results: list[ChatPrediction] = []
         for prompt in prompts:
-            out = next(outputs) if prompt is not None else Output([], [], None)
-            result: ChatPrediction = {"generation": self._reply(out) if prompt is not None else _refusal()}
+            if prompt is None:
+                out, message = Output([], [], None), _refusal()
+            else:
+                out = next(outputs)
+                message = self._reply(out)
+            result: ChatPrediction = {"generation": message}
             if logprobs:
                 result.update(tokens=self._pieces(out.tokens), logprobs=out.logprobs)
             results.append(result)
@@ -237,7 +258,7 @@ class Llama:
         tokens = _tokens(self._generate(prompts, max_gen_len, temperature, top_p), outputs)
         return ChatStream(decode_stream(self.tokenizer, tokens), lambda: self._reply(outputs[0]))
 
-    def _reply(self, out: "Output") -> Message:
+    def _reply(self, out: Output) -> Message:
         """A generated reply as an assistant message: its tool calls (content "") when it holds some, else its
         text as generated, as Meta's chat_completion gives it (llama-models' parser also strips end spaces)."""
         stop_reason = self.formatter.stop_reason(out.stop_token)
@@ -260,7 +281,7 @@ class Llama:
         top_p: float,
         logprobs: bool = False,
         echo: bool = False,
-    ) -> Generator[list[list[int]], None, list["Output"]]:
+    ) -> Generator[list[list[int]], None, list[Output]]:
         """Generate from checked prompts: yields, at each step that output tokens, the new tokens of every sequence
         ([] for one that gave none), and returns each sequence's Output once every sequence is done.
 
@@ -278,13 +299,13 @@ class Llama:
         for k, t in enumerate(prompt_tokens):
             tokens[k, : len(t)] = torch.tensor(t, dtype=torch.long)
         tokens = tokens.to(self.device)
-        in_prompt = torch.arange(total_len) < torch.tensor(prompt_lens)[:, None]  # (bs, total_len)
-        in_prompt = in_prompt.to(self.device)
+        in_prompt = (torch.arange(total_len) < torch.tensor(prompt_lens)[:, None]).to(self.device)  # (bs, total_len)
         log_probs = torch.zeros((bsz, total_len), device=self.device) if logprobs else None
-        # Kept on the host: where each sequence must end (max_gen_len, the context), where its output ends (its
-        # stop token, else there), the stop token, and whether it is done (a prompt filling the context is at once).
+        # On the host: where each output ends (its first stop token, else max_gen_len or the context's end), the
+        # stop token that ended it, and whether it is done (a prompt that fills the context has no room to generate).
         end_pos = [min(n + max_gen_len, total_len) for n in prompt_lens]
-        stop_pos, stop, done = list(end_pos), [None] * bsz, [end <= n for end, n in zip(end_pos, prompt_lens)]
+        stop_token: list[Optional[int]] = [None] * bsz
+        done = [end == n for end, n in zip(end_pos, prompt_lens)]
 
         # Prefill. Only log-probabilities need every position's logits; sampling needs the last one.
         logits = self.model(tokens[:, :min_prompt_len], 0, last_only=not logprobs)
@@ -307,8 +328,8 @@ class Llama:
             for i, token in enumerate(next_token.tolist()):  # the one host sync per step
                 if done[i] or cur_pos < prompt_lens[i]:
                     continue
-                if token in stop_tokens:  # only generated tokens stop a sequence, never a prompt's
-                    stop_pos[i], stop[i], done[i] = cur_pos, token, True
+                if token in stop_tokens:  # stop tokens count only where they were generated, never in a prompt
+                    end_pos[i], stop_token[i], done[i] = cur_pos, token, True
                 else:
                     new[i].append(token)
                     done[i] = cur_pos + 1 == end_pos[i]
@@ -324,9 +345,9 @@ class Llama:
         all_logprobs = log_probs.tolist() if logprobs else None
         outputs = []
         for i, n in enumerate(prompt_lens):
-            start = 0 if echo else n
-            out_logprobs = all_logprobs[i][start : stop_pos[i]] if all_logprobs is not None else None
-            outputs.append(Output(all_tokens[i][start : stop_pos[i]], out_logprobs, stop[i]))
+            start, end = 0 if echo else n, end_pos[i]
+            out_logprobs = all_logprobs[i][start:end] if all_logprobs is not None else None
+            outputs.append(Output(all_tokens[i][start:end], out_logprobs, stop_token[i]))
         return outputs
 
     # -- Input checks: every user mistake is a ValueError that names the argument, raised before the KV cache is
@@ -485,26 +506,7 @@ class ChatStream:
             raise
 
 
-class Output(NamedTuple):
-    """One sequence's result: its tokens (the prompt's first with echo), their log-probabilities when asked for,
-    and the stop token that ended it (None when it ran out of room: max_gen_len or max_seq_len)."""
-
-    tokens: list[int]
-    logprobs: Optional[list[float]]
-    stop_token: Optional[int]
-
-
-# What each batch argument holds, for the error that says so.
-BATCHES = {
-    "prompt_tokens": "a list of prompts, each a list of token ids (ints)",
-    "prompts": "a list of strings (wrap a single prompt in a list)",
-    "dialogs": "a list of dialogs, each a list of {'role': ..., 'content': ...} messages",
-}
-
-R = TypeVar("R")
-
-
-def _drain(steps: Generator[object, None, R]) -> R:
+def _drain(steps: Generator[list[list[int]], None, list[Output]]) -> list[Output]:
     """Run a generation to its end; returns what its loop returns."""
     while True:
         try:
