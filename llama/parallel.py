@@ -25,7 +25,7 @@ class ColumnParallelLinear(fs.ColumnParallelLinear):
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         self.output_size_per_partition = out_features // fs_init.get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
-        self.bias = self.master_weight = None
+        self.bias = None
 
 
 class RowParallelLinear(fs.RowParallelLinear):
@@ -36,7 +36,7 @@ class RowParallelLinear(fs.RowParallelLinear):
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
         self.input_size_per_partition = in_features // fs_init.get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
-        self.bias = self.master_weight = None
+        self.bias = None
 
 
 class VocabParallelEmbedding(fs.VocabParallelEmbedding):
@@ -45,14 +45,9 @@ class VocabParallelEmbedding(fs.VocabParallelEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int):
         nn.Module.__init__(self)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = (
-            None,
-            None,
-            2.0,
-            False,
-            False,
-        )
-        self._weight = None
+        # F.embedding's options, as fairscale's forward passes them
+        self.padding_idx, self.max_norm, self.norm_type = None, None, 2.0
+        self.scale_grad_by_freq, self.sparse = False, False
         self.vocab_start_index, self.vocab_end_index = VocabUtility.vocab_range_from_global_vocab_size(
             num_embeddings, fs_init.get_model_parallel_rank(), fs_init.get_model_parallel_world_size()
         )
@@ -89,7 +84,9 @@ class ParallelLinear(nn.Module):
 
 
 def replace_linear_layers(model: nn.Module, make: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
-    """Swap each Column/RowParallelLinear of model for make(layer), in place, where that is not None."""
+    """Swap each Column/RowParallelLinear of model for make(layer), in place, where that is not None: the one way
+    the fast paths change a model's products (int8 in llama/quantize.py, packed weights in llama/cpu.py, plain
+    layers for torch.compile in llama/fast.py)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (fs.ColumnParallelLinear, fs.RowParallelLinear)):
