@@ -142,7 +142,7 @@ class Llama:
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._run_id = 0  # which generation owns the KV cache; a paused stream checks it when resumed
 
-    # -- The entry points: check the arguments, run the decoding loop, shape its outputs -------------------------
+    # -- The entry points: check the arguments, run the decoding loop, shape its outputs ---------------------------
 
     def generate(
         self,
@@ -270,7 +270,7 @@ class Llama:
     def _pieces(self, tokens: list[int]) -> list[str]:
         return [self.tokenizer.decode([t]) for t in tokens]
 
-    # -- The decoding loop of every entry point --------------------------------------------------------------
+    # -- The decoding loop of every entry point --------------------------------------------------------------------
 
     @torch.inference_mode()
     def _generate(
@@ -350,8 +350,7 @@ class Llama:
             outputs.append(Output(all_tokens[i][start:end], out_logprobs, stop_token[i]))
         return outputs
 
-    # -- Input checks: every user mistake is a ValueError that names the argument, raised before the KV cache is
-    # touched ---------------------------------------------------------------------------------------------------
+    # -- Input checks: every user mistake is a ValueError naming the argument, before the KV cache is touched ------
 
     def _prepare(
         self,
@@ -365,7 +364,7 @@ class Llama:
         """Check a call's arguments and turn its prompts into token ids. name: the argument holding the prompts:
         a list of "prompt_tokens" (token ids), "prompts" (texts) or "dialogs" (message lists), or one "prompt" or
         "dialog". Returns each prompt's tokens (None for a Llama 2 dialog refused for its special tags) and
-        max_gen_len (None, except in generate: up to max_seq_len - 1)."""
+        max_gen_len, None meaning up to max_seq_len - 1 (generate takes no None)."""
         max_batch_size, max_seq_len = self.model.params.max_batch_size, self.model.params.max_seq_len
         if name in ("prompt", "dialog"):
             named = [(name, prompts)]
