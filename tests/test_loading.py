@@ -8,7 +8,7 @@ import torch
 
 from llama import Llama
 from llama.args import model_args
-from llama.checkpoint import load_state_dict
+from llama.checkpoint import build_transformer, load_state_dict
 from llama.tiny import TINY_PARAMS, random_state_dict, write_byte_tokenizer, write_checkpoint
 
 
@@ -40,9 +40,11 @@ def test_a_llama2_params_json_loads_with_vocab_from_the_tokenizer_and_rope_freqs
 
 def test_weights_are_mapped_from_disk_not_copied_when_the_dtype_matches(tmp_path):
     make_folder(tmp_path)
-    llama = Llama.build(str(tmp_path), None, 32, 2, device="cpu", dtype="bfloat16")
+    # The checkpoint layer itself: Llama.build may then swap linear layers for a faster CPU layout.
+    args = model_args(TINY_PARAMS, max_seq_len=32, max_batch_size=2)
+    model = build_transformer(tmp_path, args, torch.device("cpu"), torch.bfloat16)
     shard = torch.load(tmp_path / "consolidated.00.pth", mmap=True, weights_only=True)
-    w = llama.model.layers[0].attention.wq.weight
+    w = model.layers[0].attention.wq.weight
     assert torch.equal(w, shard["layers.0.attention.wq.weight"])
     # Built on the meta device and given the mapped tensors: the parameter's storage is the file's.
     assert w.untyped_storage().nbytes() == shard["layers.0.attention.wq.weight"].untyped_storage().nbytes()
