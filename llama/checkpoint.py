@@ -592,7 +592,8 @@ def build_transformer(
 ) -> Transformer:
     """A Transformer holding this rank's weights: built on the meta device, its keys and shapes checked against
     the checkpoint's before any weight is read, then given the mapped tensors themselves as they are read (cast
-    or moved one at a time only where dtype or device differ)."""
+    or moved one at a time only where dtype or device differ), each checked for NaN/inf as it is placed. A load
+    that takes more than PROGRESS_AFTER_S seconds says how far it got on stderr (rank 0 only)."""
     ckpt = resolve(ckpt_dir)
     shares = RankShares(ckpt, args, rank, world)
     # On the meta device nothing is allocated, fairscale's full-size master weights included.
