@@ -1,6 +1,6 @@
 """Llama's tokenizers, picked from the file: Meta's tiktoken BPE (Llama 3 or Llama 4) or SentencePiece
-(Llama 1 and 2). ChatFormat, the dialog-to-tokens formatter, lives in llama/chat_format.py and is
-re-exported here, where Meta's code imports it from."""
+(Llama 1 and 2). ChatFormat, the dialog-to-tokens formatter, lives in llama/chat_format.py (which needs nothing
+from here) and is imported here too, where Meta's code imports it from."""
 
 import binascii
 import functools
@@ -12,6 +12,8 @@ from typing import AbstractSet, Literal, Optional, Union
 
 import tiktoken
 from sentencepiece import SentencePieceProcessor
+
+from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags  # noqa: F401 (Meta's import path)
 
 PathLike = Union[str, os.PathLike]
 
@@ -371,7 +373,3 @@ def _checked_ids(t: Sequence[int], n_words: int) -> list[int]:
             "were the ids made by another tokenizer, or is a pad id (-1) left in?"
         )
     return ids
-
-
-# Meta's import path: `from llama.tokenizer import ChatFormat` (the class lives in chat_format.py).
-from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags  # noqa: E402, F401
