@@ -6,7 +6,9 @@ import json
 from collections.abc import Sequence
 from typing import Optional
 
-BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "code_interpreter")
+# The built-in tools a Llama 3.1 system prompt turns on, as prompt_format.md lists them (tool_utils.BUILTIN_TOOLS,
+# the ones a model calls by name, also holds photogen, which no system prompt of Meta's names).
+SYSTEM_PROMPT_TOOLS = ("brave_search", "wolfram_alpha", "code_interpreter")
 
 
 def system_prompt(
@@ -21,10 +23,10 @@ def system_prompt(
     interpreter), a "Tools:" line for brave_search and wolfram_alpha, the dates when `today` is given (e.g.
     "21 September 2024"), then your instructions. custom_tools: functions are described in a user message
     (json_functions_prompt, function_tag_prompt)."""
-    unknown = [t for t in builtin_tools if t not in BUILTIN_TOOLS]
+    unknown = [t for t in builtin_tools if t not in SYSTEM_PROMPT_TOOLS]
     if unknown:
         raise ValueError(
-            f"{', '.join(map(repr, unknown))} not among the built-in tools {', '.join(BUILTIN_TOOLS)}: describe "
+            f"{', '.join(map(repr, unknown))} not among the built-in tools {', '.join(SYSTEM_PROMPT_TOOLS)}: describe "
             "your own functions in a user message (json_functions_prompt or function_tag_prompt) and pass "
             "custom_tools=True"
         )

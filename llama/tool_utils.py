@@ -11,7 +11,8 @@ from typing import Any, Literal, Optional, TypedDict
 
 ToolPromptFormat = Literal["json", "function_tag", "python_list"]
 TOOL_PROMPT_FORMATS = ("json", "function_tag", "python_list")
-# Tools the models were trained to call by name: the first three take a query, the interpreter takes code.
+# The built-in tools: those the models were trained to call by name (llama-models' BuiltinTool); the first three
+# take a query, the interpreter takes code.
 QUERY_TOOLS = ("brave_search", "wolfram_alpha", "photogen")
 BUILTIN_TOOLS = (*QUERY_TOOLS, "code_interpreter")
 
