@@ -5,8 +5,11 @@ Tests that use it skip, saying why, when llama-models or pydantic is not install
 import contextlib
 import importlib
 import importlib.util
+import io
+import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -52,11 +55,24 @@ def meta(family: str):
     for package in ("llama_models", "pydantic"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed: llama-models' chat format, the witness here, needs it")
-    with _image_packages_stubbed():
+    with _image_packages_stubbed(), _pil_flags_kept():
         datatypes = importlib.import_module("llama_models.datatypes")
         chat_format = importlib.import_module(f"llama_models.{family}.chat_format")
         tokenizer = importlib.import_module(f"llama_models.{family}.tokenizer")
     return datatypes, chat_format, tokenizer
+
+
+@contextlib.contextmanager
+def _pil_flags_kept():
+    """llama-models' Llama 4 preprocess sets PIL's process-wide ImageFile.LOAD_TRUNCATED_IMAGES when imported (so
+    that truncated files load silently): it is put back, so that the tests see Pillow as users have it."""
+    image_file = importlib.import_module("PIL.ImageFile") if importlib.util.find_spec("PIL") else None
+    before = getattr(image_file, "LOAD_TRUNCATED_IMAGES", None)
+    try:
+        yield
+    finally:
+        if image_file is not None:
+            image_file.LOAD_TRUNCATED_IMAGES = before
 
 
 def raw_message(datatypes, message: dict):
@@ -67,12 +83,31 @@ def raw_message(datatypes, message: dict):
         for c in message.get("tool_calls", [])
     ]
     stop = message.get("stop_reason")
+    content = message["content"]
+    if not isinstance(content, str):
+        content = [
+            datatypes.RawTextItem(text=item["text"])
+            if item["type"] == "text"
+            else datatypes.RawMediaItem(data=_image_bytes(item["image"]))
+            for item in content
+        ]
     return datatypes.RawMessage(
         role=role,
-        content=message["content"],
+        content=content,
         tool_calls=calls,
         stop_reason=None if stop is None else datatypes.StopReason(stop),
     )
+
+
+def _image_bytes(image) -> bytes:
+    """An image item's value (a path, bytes or a PIL image) as the bytes of a file, what llama-models takes."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    out = io.BytesIO()
+    image.save(out, format="PNG")  # lossless: the same pixels
+    return out.getvalue()
 
 
 def plain_message(message) -> dict:
