@@ -228,6 +228,11 @@ class Llama3ChatFormat(ChatFormat):
 # -- Llama 4 ----------------------------------------------------------------------------------------------------
 
 
+# The special tokens an image is written with.
+IMAGE_TOKENS = ("<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>")
+IMAGE_TOKENS += ("<|tile_x_separator|>", "<|tile_y_separator|>")
+
+
 class Llama4ChatFormat(Llama3ChatFormat):
     """Llama 4: <|header_start|>role<|header_end|>\\n\\n content <|eot|>, content kept as given (llama-models,
     Llama 4's only reference, does not strip it), and images: each item of a message's content list is encoded
@@ -253,6 +258,7 @@ class Llama4ChatFormat(Llama3ChatFormat):
             # pixel_shuffle_ratio 0.5 merges each 2 x 2 block of patches into one token.
             merged = round(1 / vision_args.pixel_shuffle_ratio**2)
             self.patches_per_chunk = (tile.height // patch.height) * (tile.width // patch.width) // merged
+        self.image_tokens = {tokenizer.special_tokens[t] for t in IMAGE_TOKENS}
 
     def _content(self, message: Message, images: list) -> list[int]:
         content = message["content"]
