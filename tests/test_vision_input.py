@@ -12,8 +12,11 @@ are Meta's. transformers' Llama4ImageProcessorFast needs torchvision too, so it 
 import enum
 import importlib.util
 import io
+import subprocess
 import sys
+import tempfile
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,7 +142,11 @@ class MetaPreprocess:
         for cls in (InterpolationMode, ToTensor, Normalize, Resize, Compose):
             setattr(transforms, cls.__name__, cls)
         transforms.functional, tv.transforms = functional, transforms
-        return {"torchvision": tv, "torchvision.transforms": transforms, "torchvision.transforms.functional": functional}
+        return {
+            "torchvision": tv,
+            "torchvision.transforms": transforms,
+            "torchvision.transforms.functional": functional,
+        }
 
     def transforms(self, tile: int):
         return self.module.VariableSizeImageTransform(tile), self.module.ResizeNormalizeImageTransform(tile, tile)
@@ -241,8 +248,6 @@ def test_grid_and_resize_size_equal_metas_for_any_size(width, height, tile, max_
     target = (min(max(width, tile), canvas[0]), min(max(height, tile), canvas[1]))
     expected = meta_transform.get_max_res_without_distortion((width, height), target)
     assert size_without_distortion(width, height, canvas, tile) == tuple(max(s, 1) for s in expected)
-
-
 
 
 def test_a_path_bytes_and_a_pil_image_give_the_same_pixels(tmp_path):
@@ -467,3 +472,24 @@ def test_without_pillow_text_works_and_an_image_names_the_extra(llama4, monkeypa
     )
     with pytest.raises(ImportError, match=r'pip install "llama-reference\[vision\]"'):
         formatter.encode_dialog_prompt([{"role": "user", "content": [image_item(b"\x89PNG...")]}])
+
+
+def test_import_llama_and_chat_in_text_needs_no_pillow():
+    code = (
+        "import sys; sys.modules['PIL'] = None\n"  # import PIL fails, as where Pillow is not installed
+        "import llama, llama.preprocess, llama.tokenizer\n"
+        "from llama.tiny import write_byte_tokenizer\n"
+        "from pathlib import Path\n"
+        "write_byte_tokenizer(Path(sys.argv[1]))\n"
+        "print(llama.ChatFormat(llama.Tokenizer(sys.argv[1])).encode_dialog_prompt([{'role': 'user', 'content': 'hi'}]))"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        run = subprocess.run(
+            [sys.executable, "-c", code, f"{folder}/tokenizer.model"],
+            cwd=Path(__file__).parents[1],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("[")
