@@ -8,7 +8,7 @@ from typing import NamedTuple, Optional, TypedDict, Union
 
 import torch
 
-from llama.chat_format import ChatFormat, Dialog, Message, has_special_tags
+from llama.chat_format import ChatFormat, Dialog, Llama2ChatFormat, LLMInput, Message, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, resolve
 from llama.cpu import choose_cpu_matmul
 from llama.distributed import DTYPES, default_device, default_dtype, init_distributed
@@ -133,7 +133,8 @@ class Llama:
         # forward (llama/fast.py). Prompts always go through the model itself.
         self.decode_step = decode_step if decode_step is not None else model
         self.tokenizer = tokenizer
-        self.formatter = ChatFormat(tokenizer)
+        # Llama 4 with a vision encoder: its vision_args say how images become tokens.
+        self.formatter = ChatFormat(tokenizer, vision_args=getattr(model.params, "vision_args", None))
         # Token ids that end a generated sequence (not output themselves); the tokenizer's by default.
         self.stop_tokens: list[int] = list(tokenizer.stop_tokens)
         self.device = model.tok_embeddings.weight.device
@@ -214,7 +215,14 @@ class Llama:
         prompts, max_gen_len = self._prepare("dialogs", dialogs, max_gen_len, temperature, top_p, tool_prompt_format)
         # Dialogs refused for their special tags (None) get Meta's answer and cost no compute.
         accepted = [p for p in prompts if p is not None]
-        outputs = iter(_drain(self._generate(accepted, max_gen_len, temperature, top_p, logprobs)) if accepted else ())
+        # A prompt's images go to the model with the first call, which feeds the prompts' common length only: so
+        # that it holds all of them, dialogs with images are generated one at a time.
+        batches = [[p] for p in accepted] if any(p.images for p in accepted) else [accepted] if accepted else []
+        generated: list[Output] = []
+        for batch in batches:
+            tokens, images = [p.tokens for p in batch], [p.images for p in batch]
+            generated += _drain(self._generate(tokens, max_gen_len, temperature, top_p, logprobs, images=images))
+        outputs = iter(generated)
         results: list[ChatPrediction] = []
         for prompt in prompts:
             if prompt is None:
@@ -251,11 +259,12 @@ class Llama:
         """Yield the assistant's next message for one dialog as text pieces, as they are generated (a tool
         call comes as its raw text). Once the pieces run out, the stream's `message` is the message
         chat_completion gives: content, stop_reason and tool_calls."""
-        prompts, max_gen_len = self._prepare("dialog", dialog, max_gen_len, temperature, top_p, tool_prompt_format)
-        if prompts[0] is None:
+        (prompt,), max_gen_len = self._prepare("dialog", dialog, max_gen_len, temperature, top_p, tool_prompt_format)
+        if prompt is None:
             return ChatStream(iter([UNSAFE_ERROR]), _refusal)
         outputs: list[Output] = []
-        tokens = _tokens(self._generate(prompts, max_gen_len, temperature, top_p), outputs)
+        steps = self._generate([prompt.tokens], max_gen_len, temperature, top_p, images=[prompt.images])
+        tokens = _tokens(steps, outputs)
         return ChatStream(decode_stream(self.tokenizer, tokens), lambda: self._reply(outputs[0]))
 
     def _reply(self, out: Output) -> Message:
@@ -281,6 +290,7 @@ class Llama:
         top_p: float,
         logprobs: bool = False,
         echo: bool = False,
+        images: Optional[list[list[torch.Tensor]]] = None,
     ) -> Generator[list[list[int]], None, list[Output]]:
         """Generate from checked prompts: yields, at each step that output tokens, the new tokens of every sequence
         ([] for one that gave none), and returns each sequence's Output once every sequence is done.
@@ -288,6 +298,9 @@ class Llama:
         A prefill feeds the prompts' common part; then each step feeds one token per sequence and writes the next:
         sampled, or the prompt's own where a prompt is that long. A sequence ends at its first generated stop
         token (not output), after max_gen_len tokens, or at max_seq_len.
+
+        images: each prompt's image pixels (Llama 4), in the order of their <|patch|> tokens, which must all lie within
+        the prompts' common length: the prefill feeds them to the model with the mask of those tokens.
         """
         self._run_id += 1
         run_id = self._run_id
@@ -308,7 +321,13 @@ class Llama:
         done = [end == n for end, n in zip(end_pos, prompt_lens)]
 
         # Prefill. Only log-probabilities need every position's logits; sampling needs the last one.
-        logits = self.model(tokens[:, :min_prompt_len], 0, last_only=not logprobs)
+        pixels = [image for prompt_images in images or [] for image in prompt_images]
+        vision = {}
+        if pixels:
+            image_mask = tokens[:, :min_prompt_len] == self.tokenizer.special_tokens["<|patch|>"]
+            assert int(image_mask.sum()) == sum(p.shape[0] for p in pixels) * self.formatter.patches_per_chunk
+            vision = {"images": [p.to(self.device) for p in pixels], "image_mask": image_mask}
+        logits = self.model(tokens[:, :min_prompt_len], 0, last_only=not logprobs, **vision)
         if logprobs:
             log_probs[:, 1:min_prompt_len] = token_logprobs(logits[:, :-1], tokens[:, 1:min_prompt_len])
         for cur_pos in range(min_prompt_len, total_len):
@@ -360,10 +379,11 @@ class Llama:
         temperature: float,
         top_p: float,
         tool_prompt_format: str = "json",
-    ) -> tuple[list[Optional[list[int]]], int]:
+    ) -> tuple[list[Union[list[int], LLMInput, None]], int]:
         """Check a call's arguments and turn its prompts into token ids. name: the argument holding the prompts:
         a list of "prompt_tokens" (token ids), "prompts" (texts) or "dialogs" (message lists), or one "prompt" or
-        "dialog". Returns each prompt's tokens (None for a Llama 2 dialog refused for its special tags) and
+        "dialog". Returns each prompt's tokens (a dialog's with the pixels of its images, as an LLMInput; None for
+        a Llama 2 dialog refused for its special tags) and
         max_gen_len, None meaning up to max_seq_len - 1 (generate takes no None)."""
         max_batch_size, max_seq_len = self.model.params.max_batch_size, self.model.params.max_seq_len
         if name in ("prompt", "dialog"):
@@ -431,8 +451,9 @@ class Llama:
             raise ValueError(f"{name} is empty: give some text to complete")
         return self._check_prompt(self.tokenizer.encode(prompt, bos=True, eos=False), name)
 
-    def _encode_dialog(self, dialog: Dialog, name: str, tool_prompt_format: str) -> Optional[list[int]]:
-        """The prompt tokens of a dialog, or None for a Llama 2 dialog refused for its special tags."""
+    def _encode_dialog(self, dialog: Dialog, name: str, tool_prompt_format: str) -> Optional[LLMInput]:
+        """The prompt of a dialog (tokens, and pixels of its images), or None for a Llama 2 dialog refused for its
+        special tags."""
         if isinstance(dialog, (str, Mapping)) or not isinstance(dialog, Sequence):
             raise ValueError(f"{name} must be a list of messages, each {{'role': ..., 'content': ...}}")
         if len(dialog) == 0:
@@ -440,9 +461,11 @@ class Llama:
         for j, message in enumerate(dialog):
             if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
                 raise ValueError(f"{name}[{j}] must be a dict with a 'role' string and a 'content' string")
-            if not isinstance(message.get("content"), str):
+            content = message.get("content")
+            if isinstance(content, (bytes, Mapping)) or not isinstance(content, (str, Sequence)):
                 raise ValueError(
-                    f"{name}[{j}]['content'] must be a string, got {type(message.get('content')).__name__}"
+                    f"{name}[{j}]['content'] must be a string or a list of {{'type': 'text' or 'image', ...}} items, "
+                    f"got {type(content).__name__}"
                 )
         if dialog[-1]["role"] not in ("user", "ipython", "tool"):
             raise ValueError(
@@ -451,12 +474,20 @@ class Llama:
                 "ChatFormat.encode_dialog_prompt and generate"
             )
         try:
-            tokens = self.formatter.encode_dialog_prompt(dialog, tool_prompt_format)
+            prompt = self.formatter.encode_dialog(dialog, tool_prompt_format)
         except (ValueError, TypeError, KeyError) as e:
             raise ValueError(f"{name} is malformed: {e}") from None
-        if self.formatter.style == "llama2" and has_special_tags(dialog):
+        if isinstance(self.formatter, Llama2ChatFormat) and has_special_tags(dialog):
             return None  # refused, whatever its length; Llama 3's format takes the tags as plain text
-        return self._check_prompt(tokens, name)
+        max_seq_len = self.model.params.max_seq_len
+        if prompt.images and len(prompt.tokens) > max_seq_len:
+            image_tokens = sum(t in self.formatter.image_tokens for t in prompt.tokens)
+            raise ValueError(
+                f"{name} is {len(prompt.tokens)} tokens long, {image_tokens} of them for its {len(prompt.images)} "
+                f"image(s), but max_seq_len is {max_seq_len}: give fewer or smaller images, or build "
+                "the Llama with a larger max_seq_len"
+            )
+        return LLMInput(self._check_prompt(prompt.tokens, name), prompt.images)
 
 
 def decode_stream(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:

@@ -26,8 +26,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from meta_reference import meta, raw_message
 
+from llama.args import ModelArgs
 from llama.chat_format import ChatFormat, Llama2ChatFormat, Llama3ChatFormat, Llama4ChatFormat
+from llama.generation import Llama
+from llama.model import Transformer
 from llama.preprocess import best_grid, load_image, size_without_distortion, transform_image
+from llama.tiny import TINY_LLAMA4_PARAMS, TINY_PARAMS, random_state_dict
 
 Image = pytest.importorskip("PIL.Image", reason="reading images needs Pillow (the 'vision' extra)")
 ImageFile = pytest.importorskip("PIL.ImageFile")
@@ -39,6 +43,7 @@ llama4, llama4_path, llama3, llama2 = (
     tokenizer_paths.llama2,
 )
 llama3_path, llama2_path = tokenizer_paths.llama3_path, tokenizer_paths.llama2_path
+byte_path, byte_tokenizer = tokenizer_paths.byte_path, tokenizer_paths.byte_tokenizer
 
 SCOUT_TILE = 336  # Llama 4 Scout's and Maverick's vision_args: 336-pixel tiles of 14-pixel patches, shuffle 0.5
 
@@ -493,3 +498,83 @@ def test_import_llama_and_chat_in_text_needs_no_pillow():
         )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("[")
+
+
+# -- Generation with images: the model is given the pixels and the mask of their <|patch|> tokens -----------------
+# Until this library's vision encoder is merged, the model here is the tiny Llama 4 text model under a stand-in that
+# records what generation hands it and runs the text model without the images.
+
+
+class RecordingTransformer(Transformer):
+    """The text model, recording each call's tokens, images and image_mask."""
+
+    def forward(self, tokens, start_pos, last_only=False, images=None, image_mask=None):
+        self.calls.append((tokens.clone(), start_pos, images, image_mask))
+        return super().forward(tokens, start_pos, last_only=last_only)
+
+
+TINY_VISION = vision_args(56, 14, 0.5)  # 4 <|patch|> tokens a tile
+
+
+@pytest.fixture(scope="module")
+def tiny_llama4(llama4):
+    args = ModelArgs(**dict(TINY_LLAMA4_PARAMS, vocab_size=llama4.n_words), max_seq_len=96, max_batch_size=2)
+    with torch.device("meta"):
+        model = RecordingTransformer(args)
+    model.load_state_dict(random_state_dict(args, seed=0, std=0.5, dtype=torch.float32), strict=True, assign=True)
+    model.setup_caches(torch.device("cpu"), torch.float32)
+    model.params.vision_args = TINY_VISION  # the stand-in's: a text model that takes images
+    model.calls = []
+    return Llama(model.eval(), llama4)
+
+
+def test_chat_completion_gives_the_model_each_dialogs_pixels_and_patch_mask(tiny_llama4, llama4):
+    image = random_image(150, 100, seed=5)  # a 2 x 3 grid and the thumbnail: 7 tiles, 28 <|patch|> tokens
+    with_image = [{"role": "user", "content": [image_item(image), text_item("What is it?")]}]
+    text_only = [{"role": "user", "content": "Hello"}]
+    model, patch = tiny_llama4.model, llama4.special_tokens["<|patch|>"]
+    model.calls.clear()
+    batch = tiny_llama4.chat_completion([text_only, with_image], max_gen_len=4, temperature=0)
+    expected_pixels = transform_image(image, 56).pixels
+    with_images = [call for call in model.calls if call[2] is not None]
+    assert len(with_images) == 1
+    tokens, start_pos, images, image_mask = with_images[0]
+    prompt = ChatFormat(llama4, vision_args=TINY_VISION).encode_dialog_prompt(with_image)
+    assert start_pos == 0 and tokens.tolist() == [prompt]  # the whole prompt in the call that has its image
+    assert len(images) == 1 and torch.equal(images[0], expected_pixels)
+    assert torch.equal(image_mask, tokens == patch) and int(image_mask.sum()) == 7 * 4
+    assert all(call[3] is None for call in model.calls if call[2] is None)  # text calls pass nothing
+    # Each dialog's reply is the one it gets alone, and the stream's is the same.
+    for dialog, result in zip([text_only, with_image], batch):
+        assert tiny_llama4.chat_completion([dialog], max_gen_len=4, temperature=0)[0] == result
+    stream = tiny_llama4.chat_completion_stream(with_image, max_gen_len=4, temperature=0)
+    assert "".join(stream) == batch[1]["generation"]["content"] and stream.message == batch[1]["generation"]
+
+
+def test_chat_api_errors_for_images(tiny_llama4, tmp_path):
+    image = image_item(random_image(150, 100, seed=5))  # 37 tokens: 7 tiles of 4 patches, 6 separators, 3 marks
+    with pytest.raises(
+        ValueError, match=r"dialogs\[0\] is \d+ tokens long, 111 of them for its 3 image\(s\), but max_seq_len is 96"
+    ):
+        tiny_llama4.chat_completion([[{"role": "user", "content": [image, image, image, text_item("?")]}]])
+    with pytest.raises(ValueError, match=r"dialogs\[0\]\[0\]\['content'\] must be a string or a list"):
+        tiny_llama4.chat_completion([[{"role": "user", "content": 3}]])
+    with pytest.raises(ValueError, match=r"dialogs\[0\] is malformed: message 0's content item 0 is"):
+        tiny_llama4.chat_completion([[{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]])
+    (tmp_path / "cut.png").write_bytes(truncated(random_image(64, 64), "PNG"))
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        tiny_llama4.chat_completion_stream([{"role": "user", "content": [image_item(tmp_path / "cut.png")]}])
+    # A failed call leaves the Llama usable.
+    assert tiny_llama4.chat_completion([[{"role": "user", "content": "Hi"}]], max_gen_len=2)[0]["generation"]
+
+
+def test_a_text_model_given_an_image_is_a_value_error(byte_tokenizer):
+    args = ModelArgs(**dict(TINY_PARAMS, vocab_size=byte_tokenizer.n_words), max_seq_len=32, max_batch_size=1)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, dtype=torch.float32), strict=True, assign=True)
+    model.setup_caches(torch.device("cpu"), torch.float32)
+    generator = Llama(model.eval(), byte_tokenizer)
+    dialog = [{"role": "user", "content": [image_item(random_image(8, 8)), text_item("?")]}]
+    with pytest.raises(ValueError, match=r"dialogs\[0\] is malformed: a user message holds an image, but Llama 3"):
+        generator.chat_completion([dialog])
