@@ -6,6 +6,7 @@
 --nproc_per_node is the model's number of shards (consolidated.NN.pth files); plain `python` runs one.
 --tools runs one tool-calling dialog instead (Llama 3.1+ or Llama 4): the model calls brave_search, the
 script answers with a canned search result, and the model answers the user.
+--image PATH asks a Llama 4 model about one image instead (needs Pillow: pip install "llama-reference[vision]").
 """
 
 import json
@@ -28,6 +29,7 @@ def main(
     max_gen_len: Optional[int] = None,  # None: up to the end of the context
     compile: bool = False,  # faster decoding: CUDA graphs on a GPU, torch.compile on a CPU
     tools: bool = False,  # one tool-calling dialog instead of the chats below
+    image: Optional[str] = None,  # a question about this image instead (Llama 4)
 ):
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
@@ -57,11 +59,17 @@ def main(
             {"role": "user", "content": "What does a Python list comprehension do?"},
         ],
     ]
+    if image is not None:
+        question = [
+            {"type": "image", "image": image},
+            {"type": "text", "text": "Describe this image in two sentences."},
+        ]
+        dialogs = [[{"role": "user", "content": question}]]
     main_rank = dist.get_rank() == 0  # every rank takes part in generating; one prints
     for dialog in dialogs:
         if main_rank:
             for msg in dialog:
-                print(f"{msg['role'].capitalize()}: {msg['content']}\n")
+                print(f"{msg['role'].capitalize()}: {shown(msg['content'])}\n")
             print("> Assistant: ", end="", flush=True)
         pieces = generator.chat_completion_stream(dialog, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
         for piece in pieces:
@@ -69,6 +77,13 @@ def main(
                 print(piece, end="", flush=True)
         if main_rank:
             print("\n\n==================================\n")
+
+
+def shown(content) -> str:
+    """A message's content as text, an image as its path."""
+    if isinstance(content, str):
+        return content
+    return "".join(item["text"] if item["type"] == "text" else f"[image: {item['image']}] " for item in content)
 
 
 def tool_dialog(generator: Llama, temperature: float, top_p: float, max_gen_len: Optional[int]) -> None:

@@ -12,6 +12,7 @@ are Meta's. transformers' Llama4ImageProcessorFast needs torchvision too, so it 
 import enum
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 import tempfile
@@ -578,3 +579,18 @@ def test_a_text_model_given_an_image_is_a_value_error(byte_tokenizer):
     dialog = [{"role": "user", "content": [image_item(random_image(8, 8)), text_item("?")]}]
     with pytest.raises(ValueError, match=r"dialogs\[0\] is malformed: a user message holds an image, but Llama 3"):
         generator.chat_completion([dialog])
+
+
+def test_the_chat_example_asks_about_an_image_and_a_text_model_says_it_needs_llama4(tmp_path):
+    # The example on a tiny Llama 3: the image is refused with the library's message, before any generation.
+    env = dict(os.environ, OMP_NUM_THREADS="1", LLAMA_DEVICE="cpu")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "llama.tiny", "--out_dir", str(tmp_path)], cwd=root, env=env, check=True)
+    random_image(40, 30).save(tmp_path / "cat.png")
+    args = ["example_chat_completion.py", "--ckpt_dir", str(tmp_path), "--image", str(tmp_path / "cat.png")]
+    run = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert f"User: [image: {tmp_path / 'cat.png'}] Describe this image" in run.stdout
+    assert "ValueError: dialog is malformed: a user message holds an image, but Llama 3 models read text only" in (
+        run.stderr
+    )
