@@ -9,6 +9,7 @@ tv.Resize are PIL's Image.resize with the same filter, ToTensor is uint8 HWC / 2
 grid, the resize sizes (recorded from Meta's calls and compared on their own), padding, tile order and thumbnail
 are Meta's. transformers' Llama4ImageProcessorFast needs torchvision too, so it cannot be a witness here."""
 
+import dataclasses
 import enum
 import importlib.util
 import io
@@ -594,3 +595,50 @@ def test_the_chat_example_asks_about_an_image_and_a_text_model_says_it_needs_lla
     assert "ValueError: dialog is malformed: a user message holds an image, but Llama 3 models read text only" in (
         run.stderr
     )
+
+
+# -- End to end on the tiny Llama 4 with its vision tower (python -m llama.tiny --llama4) --------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_llama(tmp_path_factory):
+    if "vision_args" not in {f.name for f in dataclasses.fields(ModelArgs)}:
+        pytest.skip("this library's vision encoder is not here yet")
+    out = tmp_path_factory.mktemp("tiny-llama4-vision")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "llama.tiny", "--llama4", "--out_dir", str(out)], cwd=root, env=env, check=True
+    )
+    return Llama.build(out, None, max_seq_len=256, max_batch_size=2, device="cpu", dtype=torch.float32)
+
+
+def test_chat_with_an_image_is_the_models_own_greedy_decoding_and_sees_the_image(tiny_vision_llama):
+    generator, model = tiny_vision_llama, tiny_vision_llama.model
+    patch = generator.tokenizer.special_tokens["<|patch|>"]
+
+    def dialog(image):
+        return [{"role": "user", "content": [image_item(image), text_item("What is in the picture?")]}]
+
+    @torch.inference_mode()
+    def plain_greedy(prompt, n: int) -> list[int]:
+        tokens = torch.tensor([prompt.tokens])
+        logits = model(tokens, 0, images=prompt.images, image_mask=tokens == patch)
+        out = []
+        for pos in range(tokens.shape[1], tokens.shape[1] + n):
+            token = int(logits[0, -1].argmax())
+            if token in generator.stop_tokens:
+                break
+            out.append(token)
+            logits = model(torch.tensor([[token]]), pos)
+        return out, logits
+
+    first, second = random_image(150, 100, seed=1), random_image(150, 100, seed=2)
+    replies = generator.chat_completion([dialog(first), dialog(second)], max_gen_len=6, temperature=0)
+    for image, reply in zip((first, second), replies):
+        expected, _ = plain_greedy(generator.formatter.encode_dialog(dialog(image)), 6)
+        assert reply["generation"]["content"] == generator.tokenizer.decode(expected)
+    # The image reaches the model: another image, other logits after the same text.
+    _, logits_first = plain_greedy(generator.formatter.encode_dialog(dialog(first)), 0)
+    _, logits_second = plain_greedy(generator.formatter.encode_dialog(dialog(second)), 0)
+    assert not torch.allclose(logits_first, logits_second)
