@@ -14,7 +14,7 @@ from llama.cpu import choose_cpu_matmul
 from llama.distributed import DTYPES, default_device, default_dtype, init_distributed
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
-from llama.quantize import quantize_int8
+from llama.quantize import check_quantize_mode, quantize_model
 from llama.sampling import sample, token_logprobs
 from llama.tokenizer import Tokenizer
 
@@ -72,13 +72,13 @@ class Llama:
         tokenizer.model in the folder, under original/, or beside it.
 
         device: default CUDA when present, else CPU (or LLAMA_DEVICE); dtype: default bfloat16 where
-        supported (or LLAMA_DTYPE). quantize="int8": int8 weight-only linear layers (llama/quantize.py).
+        supported (or LLAMA_DTYPE). quantize="int8" or "int4": weight-only int8 or int4
+        (groups of 128) linear layers and experts (llama/quantize.py).
         compile=True: faster decoding (llama/fast.py), the one-token step recorded as CUDA graphs on a GPU,
         torch.compile'd on a CPU (its first steps then take a minute or so to compile).
         Under torchrun every process loads its model-parallel share.
         """
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize={quantize!r} is not supported: use None or 'int8'")
+        check_quantize_mode(quantize)
         if not isinstance(compile, bool):
             raise ValueError(f"compile must be True or False, got {compile!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
@@ -111,8 +111,7 @@ class Llama:
         model = build_transformer(ckpt, args, device, dtype, rank, world)
         # The fast paths, applied from outside the model: each swaps some of its layers for others that compute the
         # same product, or runs its forward for the one-token steps of decoding. model.py's forward stays the math.
-        if quantize == "int8":
-            model = quantize_int8(model)
+        model = quantize_model(model, quantize)
         model = choose_cpu_matmul(model)  # bfloat16 on a CPU: the faster of two matrix-product paths, measured
         decode_step = model
         if compile and device.type == "cuda":

@@ -5,6 +5,10 @@ load time; the model then reads half the bytes of bfloat16 per token. The layers
 communication of the fairscale layers they replace, so a sharded model quantizes rank by rank.
 """
 
+import functools
+import warnings
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,3 +116,414 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         if isinstance(module, MoE):
             module.experts = Int8Experts(module.experts, scratch)
     return replace_linear_layers(model, lambda linear: Int8Linear(linear, scratch))
+
+
+# -- int4 -------------------------------------------------------------------------------------------------------------
+#
+# Weight-only, group-wise along the input dimension, asymmetric: each group of group_size weights of a row gets a
+# bfloat16 scale and zero, w ~= (q - 8) * scale + zero with q in 0..15, the form PyTorch's int4 products take.
+# The products are ATen's: torch.ops.aten._weight_int4pack_mm_for_cpu on a CPU (torch 2.6+), _weight_int4pack_mm
+# on CUDA (bfloat16, compute capability 8.0+); elsewhere a plain dequantize-then-multiply path, int4_plain_linear,
+# which the tests hold the kernels to. The kernels read the weight in a layout of their own, so the state dict
+# holds a portable one instead: "weight" uint8 (out, in / 2), two values a byte, the even input feature in the high
+# half (the layout _convert_weight_to_int4pack takes on CUDA), "scales" and "zeros" bfloat16 (out, in / group_size).
+
+GROUP_SIZES = (32, 64, 128, 256)  # what ATen's int4 products take
+DEFAULT_GROUP_SIZE = 128
+ROWS_AT_ONCE = 4096  # a multiple of 64 (the CPU layout's blocks of rows): quantize and pack a slice at a time
+
+
+def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 (out, in) in 0..15, scales, zeros bfloat16 (out, in / group_size)) with
+    weight ~= (q - 8) * scale + zero within each group: the group's min..max over 16 levels."""
+    out_features, in_features = weight.shape
+    q = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(out_features, in_features // group_size, dtype=torch.bfloat16, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for rows in range(0, out_features, ROWS_AT_ONCE):  # float32 a slice at a time: no full-size copy
+        w = weight[rows : rows + ROWS_AT_ONCE].float().unflatten(1, (-1, group_size))  # (rows, groups, group_size)
+        low, high = w.amin(dim=2), w.amax(dim=2)
+        # Scale and zero rounded to their stored dtype first, so that q is chosen against the values used.
+        s = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16)
+        z = (low + 8 * s.float()).to(torch.bfloat16)
+        levels = ((w - z.float()[..., None]) / s.float()[..., None]).round() + 8
+        q[rows : rows + ROWS_AT_ONCE] = levels.clamp(0, 15).to(torch.uint8).flatten(1)
+        scales[rows : rows + ROWS_AT_ONCE], zeros[rows : rows + ROWS_AT_ONCE] = s, z
+    return q, scales, zeros
+
+
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) values 0..15 -> the portable uint8 (out, in / 2): even input feature high, odd low."""
+    return q[:, 0::2] << 4 | q[:, 1::2]
+
+
+def unpack_pairs(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed >> 4, packed & 15], dim=-1).flatten(-2)
+
+
+def dequantize_int4(packed: torch.Tensor, scales_and_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight (out, in) in dtype from the portable uint8 (out, in / 2) and ATen's (groups, out, 2)."""
+    scales, zeros = scales_and_zeros.float().permute(2, 1, 0)[:, :, :, None]  # each (out, groups, 1)
+    q = unpack_pairs(packed).unflatten(1, (scales.shape[1], -1))
+    return ((q.float() - 8) * scales + zeros).flatten(1).to(dtype)
+
+
+def int4_plain_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T with the weight dequantized from the portable layout a slice of rows at a time, each slice
+    multiplied in x's dtype: the reference for the kernels, and the product where there is none."""
+    parts = []
+    for rows in range(0, packed.shape[0], ROWS_AT_ONCE):
+        w = dequantize_int4(
+            packed[rows : rows + ROWS_AT_ONCE], scales_and_zeros[:, rows : rows + ROWS_AT_ONCE], x.dtype
+        )
+        parts.append(F.linear(x, w))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+# The CPU kernel's layout: blocks of block_n rows (64 with AVX-512, 32 otherwise), each stored as (in, block_n / 2)
+# bytes; in a full block on AVX-512 and AVX2, byte d holds rows d (low half) and d + block_n / 2 (high half), in
+# other blocks rows 2d (low) and 2d + 1 (high). Which one this build uses is found once, by unpacking a probe.
+CPU_LAYOUTS = ((64, "halves"), (32, "halves"), (32, "pairs"), (16, "pairs"), (64, "pairs"))
+
+
+def unpack_cpu_layout(packed: torch.Tensor, in_features: int, block_n: int, kind: str) -> torch.Tensor:
+    """ATen's CPU int4 layout (out, in / 2) -> values (out, in) 0..15, for one of CPU_LAYOUTS."""
+    out_features, flat = packed.shape[0], packed.reshape(-1)
+    q = torch.empty(out_features, in_features, dtype=torch.uint8, device=packed.device)
+    for start in range(0, out_features, block_n):
+        n = min(block_n, out_features - start)
+        block = flat[start * in_features // 2 : (start + n) * in_features // 2].view(in_features, n // 2)
+        low, high = block & 15, block >> 4
+        if kind == "halves" and n == block_n:
+            rows = torch.cat([low, high], dim=1)  # (in, n)
+        else:
+            rows = torch.stack([low, high], dim=-1).flatten(1)
+        q[start : start + n] = rows.T
+    return q
+
+
+@functools.cache
+def cpu_layout() -> Optional[tuple[int, str]]:
+    """The layout ATen's CPU int4 packing uses in this process, or None if it is none of CPU_LAYOUTS (the CPU then
+    takes the plain path: a model it could not save is no use)."""
+    probe = torch.randint(0, 16, (208, 8), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    for block_n, kind in CPU_LAYOUTS:
+        if torch.equal(unpack_cpu_layout(packed, 8, block_n, kind), probe.to(torch.uint8)):
+            return block_n, kind
+    return None
+
+
+def int4_kernel(device: torch.device, dtype: torch.dtype, out_features: int, in_features: int) -> Optional[str]:
+    """Which of ATen's int4 products serves a weight (out, in) with activations of dtype on device: "cpu",
+    "cuda", or None (the plain path)."""
+    if device.type == "cpu":
+        return "cpu" if out_features % 16 == 0 and cpu_layout() is not None else None
+    if device.type == "cuda":  # not run in this project's CI: no GPU there
+        ok = dtype == torch.bfloat16 and out_features % 8 == 0 and in_features % 32 == 0
+        return "cuda" if ok and torch.cuda.get_device_capability(device) >= (8, 0) else None
+    return None
+
+
+def inner_k_tiles(in_features: int) -> int:
+    return 8 if in_features % 128 == 0 else 4 if in_features % 64 == 0 else 2
+
+
+def pack_for(kernel: Optional[str], q: torch.Tensor) -> torch.Tensor:
+    """Values (out, in) 0..15 -> the layout kernel reads (the portable one for the plain path)."""
+    if kernel == "cpu":
+        packed = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8, device=q.device)
+        for rows in range(0, q.shape[0], ROWS_AT_ONCE):  # the layout's blocks of rows never cross a slice
+            packed[rows : rows + ROWS_AT_ONCE] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q[rows : rows + ROWS_AT_ONCE].to(torch.int32), 1
+            )
+        return packed
+    if kernel == "cuda":
+        return torch.ops.aten._convert_weight_to_int4pack(pack_pairs(q), inner_k_tiles(q.shape[1]))
+    return pack_pairs(q)
+
+
+def unpack_from(kernel: Optional[str], packed: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """The portable uint8 (out, in / 2) of a weight packed for kernel."""
+    if kernel == "cpu":
+        return pack_pairs(unpack_cpu_layout(packed, in_features, *cpu_layout()))
+    if kernel == "cuda":
+        # The tiled CUDA layout read back through the product itself: rows of the identity, with every scale 1
+        # and zero 8, give the stored values exactly.
+        out_features = packed.shape[0] * 8
+        ones = torch.ones(in_features // group_size, out_features, dtype=torch.bfloat16, device=packed.device)
+        unit = torch.stack([ones, 8 * ones], dim=-1)
+        q = torch.empty(out_features, in_features, dtype=torch.uint8, device=packed.device)
+        eye = torch.eye(in_features, dtype=torch.bfloat16, device=packed.device)
+        for k in range(0, in_features, 1024):
+            q[:, k : k + 1024] = torch.ops.aten._weight_int4pack_mm(eye[k : k + 1024], packed, group_size, unit).T.to(
+                torch.uint8
+            )
+        return pack_pairs(q)
+    return packed
+
+
+def int4_linear(
+    x: torch.Tensor, kernel: Optional[str], packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """x @ weight^T for an int4 weight packed for kernel, scales_and_zeros (groups, out, 2) in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if kernel == "cpu":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, group_size, scales_and_zeros)
+    elif kernel == "cuda":
+        y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, group_size, scales_and_zeros)
+    else:
+        y = int4_plain_linear(x2, packed, scales_and_zeros)
+    return y.view(*x.shape[:-1], -1)
+
+
+def choose_group_size(group_size: Optional[int], in_features: int, name: str) -> int:
+    """group_size itself if it divides in_features (this rank's share of a layer's input features: groups never
+    straddle shards); None: the largest of 128, 64 and 32 that does."""
+    if group_size is None:
+        fits = [g for g in (DEFAULT_GROUP_SIZE, 64, 32) if in_features % g == 0]
+        if fits:
+            return fits[0]
+        raise ValueError(
+            f"int4 needs groups of 32, 64 or 128 input features, but {name} has {in_features} on this model-parallel "
+            "rank (its share of the layer), a multiple of none: use another model-parallel size, or quantize='int8'"
+        )
+    if group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"int4 group_size={group_size!r} is not supported: use one of {', '.join(map(str, GROUP_SIZES))}"
+        )
+    if in_features % group_size:
+        raise ValueError(
+            f"int4 groups of {group_size} input features do not divide the {in_features} input features of {name} "
+            f"on this model-parallel rank (its share of the layer): groups never straddle shards, so pass a "
+            f"group_size that divides {in_features} (or None: the largest of 128, 64, 32 that does), or use "
+            "another model-parallel size"
+        )
+    return group_size
+
+
+class Int4Matrices:
+    """What the int4 layers share: n matrices of one shape (out, in) with their kernel; the owning module holds
+    them as buffers, packed (n, ...) in the layout the kernel reads and scales_and_zeros (n, groups, out, 2) in the
+    activations' dtype. In the state dict they take the portable layout: weight uint8 (n, out, in / 2), scales
+    and zeros bfloat16 (n, out, groups); loading a floating-point weight (n, out, in) quantizes it as it is read."""
+
+    def __init__(
+        self,
+        n: int,
+        out_features: int,
+        in_features: int,
+        group_size: Optional[int],
+        device: torch.device,
+        dtype: torch.dtype,
+        name: str,
+    ):
+        self.group_size = choose_group_size(group_size, in_features, name)
+        self.shape, self.dtype = (n, out_features, in_features), dtype
+        self.kernel = int4_kernel(device, dtype, out_features, in_features)
+
+    def empty(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        n, out_features, in_features = self.shape
+        with torch.device("meta"):  # only the shape of the kernel's layout
+            one = pack_for(self.kernel, torch.empty(out_features, in_features, dtype=torch.uint8))
+        packed = torch.empty(n, *one.shape, dtype=one.dtype, device=device)
+        return packed, torch.empty(n, in_features // self.group_size, out_features, 2, dtype=self.dtype, device=device)
+
+    def set_(
+        self, packed: torch.Tensor, sz: torch.Tensor, i: int, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
+    ) -> None:
+        """Matrix i from values q (out, in) 0..15, scales and zeros (out, groups)."""
+        packed[i] = pack_for(self.kernel, q.to(packed.device))
+        sz[i] = torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(sz.device, self.dtype)
+
+    def quantize_(self, packed: torch.Tensor, sz: torch.Tensor, i: int, weight: torch.Tensor) -> None:
+        """Matrix i from a floating-point weight (out, in)."""
+        self.set_(packed, sz, i, *quantize_groups(weight.detach(), self.group_size))
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.kernel, packed, sz, self.group_size)
+
+    def portable(self, packed: torch.Tensor, sz: torch.Tensor) -> dict[str, torch.Tensor]:
+        in_features = self.shape[2]
+        weight = torch.stack([unpack_from(self.kernel, p, in_features, self.group_size) for p in packed])
+        scales, zeros = sz.to(torch.bfloat16).permute(3, 0, 2, 1)  # each (n, out, groups)
+        return {"weight": weight, "scales": scales, "zeros": zeros}
+
+    def load_(
+        self, packed: torch.Tensor, sz: torch.Tensor, tensors: dict, prefix: str, missing_keys: list, error_msgs: list
+    ) -> None:
+        """Fill packed and sz from tensors: {"weight": floating-point (n, out, in)} or the portable layout."""
+        n, out_features, in_features = self.shape
+        weight = tensors.get("weight")
+        if weight is not None and weight.is_floating_point():
+            if weight.shape != self.shape:
+                error_msgs.append(f"{prefix}weight: shape {tuple(weight.shape)}, expected {self.shape}")
+                return
+            for i in range(n):
+                self.quantize_(packed, sz, i, weight[i])
+            return
+        groups = in_features // self.group_size
+        shapes = {
+            "weight": (n, out_features, in_features // 2),
+            "scales": (n, out_features, groups),
+            "zeros": (n, out_features, groups),
+        }
+        ok = True
+        for key, shape in shapes.items():
+            if key not in tensors:
+                missing_keys.append(prefix + key)
+                ok = False
+            elif tensors[key].shape != shape:
+                error_msgs.append(
+                    f"{prefix}{key}: shape {tuple(tensors[key].shape)}, expected {shape} (int4 groups of {self.group_size})"
+                )
+                ok = False
+        for i in range(n) if ok else ():
+            self.set_(packed, sz, i, unpack_pairs(weight[i]), tensors["scales"][i], tensors["zeros"][i])
+
+
+class Int4Linear(ParallelLinear):
+    """y = x @ W^T for this rank's shard of W in int4, groups of group_size along its input features.
+
+    State dict: weight (out, in / 2) uint8, scales and zeros (out, groups) bfloat16; a floating-point weight
+    (Meta's) loaded into it is quantized."""
+
+    def __init__(self, linear: nn.Module, group_size: Optional[int] = None, name: str = "a linear layer"):
+        super().__init__(linear)
+        w = linear.weight
+        self.int4 = Int4Matrices(1, *w.shape, group_size, w.device, w.dtype, name)
+        packed, sz = self.int4.empty(w.device)
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", sz, persistent=False)
+        if w.device.type != "meta":
+            self.int4.quantize_(self.packed, self.scales_and_zeros, 0, w)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return self.int4.linear(x, self.packed[0], self.scales_and_zeros[0])
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for key, tensor in self.int4.portable(self.packed, self.scales_and_zeros).items():
+            destination[prefix + key] = tensor[0]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        ours = {
+            k[len(prefix) :]: v[None]
+            for k, v in state_dict.items()
+            if k in {prefix + n for n in ("weight", "scales", "zeros")}
+        }
+        if "weight" in ours and ours["weight"].is_floating_point():
+            ours = {"weight": ours["weight"]}  # Meta's weight, quantized here
+        self.int4.load_(self.packed, self.scales_and_zeros, ours, prefix, missing_keys, error_msgs)
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in ours)
+
+
+class Int4Experts(nn.Module):
+    """llama/moe.py's Experts with each expert's matrices in int4, in nn.Linear's orientation: w1, w3 (E, F, D)
+    and w2 (E, D, F), groups along each one's input features (D, and this rank's share of F).
+
+    State dict: w1, w2, w3 uint8 (E, out, in / 2), w1_scales, w1_zeros, ... (E, out, groups) bfloat16; Meta's
+    floating-point w1, w3 (E, D, F) and w2 (E, F, D) loaded into it are quantized."""
+
+    NAMES = ("w1", "w2", "w3")
+
+    def __init__(self, experts: nn.Module, group_size: Optional[int] = None, name: str = "experts"):
+        super().__init__()
+        self.int4 = {}
+        for w_name in self.NAMES:
+            weights = getattr(experts, w_name).detach().mT  # (E, out, in): each expert's matrix as nn.Linear's weight
+            self.int4[w_name] = Int4Matrices(
+                *weights.shape, group_size, weights.device, weights.dtype, f"{name}.{w_name}"
+            )
+            packed, sz = self.int4[w_name].empty(weights.device)
+            self.register_buffer(w_name, packed, persistent=False)
+            self.register_buffer(w_name + "_scales_and_zeros", sz, persistent=False)
+            if weights.device.type != "meta":
+                for e, w in enumerate(weights):  # one expert at a time: no full-size float32 copy
+                    self.int4[w_name].quantize_(packed, sz, e, w)
+
+    def forward(self, x_aD: torch.Tensor, e: int) -> torch.Tensor:
+        w1, w2, w3 = (self.int4[n].linear for n in self.NAMES)
+        h = F.silu(w1(x_aD, self.w1[e], self.w1_scales_and_zeros[e])) * w3(
+            x_aD, self.w3[e], self.w3_scales_and_zeros[e]
+        )
+        return w2(h, self.w2[e], self.w2_scales_and_zeros[e])
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        for w_name in self.NAMES:
+            portable = self.int4[w_name].portable(getattr(self, w_name), getattr(self, w_name + "_scales_and_zeros"))
+            destination[prefix + w_name] = portable["weight"]
+            destination[prefix + w_name + "_scales"] = portable["scales"]
+            destination[prefix + w_name + "_zeros"] = portable["zeros"]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        used = set()
+        for w_name in self.NAMES:
+            keys = {
+                "weight": prefix + w_name,
+                "scales": prefix + w_name + "_scales",
+                "zeros": prefix + w_name + "_zeros",
+            }
+            tensors = {k: state_dict[key] for k, key in keys.items() if key in state_dict}
+            if "weight" in tensors and tensors["weight"].is_floating_point():
+                tensors = {"weight": tensors["weight"].mT}  # Meta's (E, in, out), quantized here
+            used.update(keys[k] for k in tensors)
+            n_missing = len(missing_keys)
+            self.int4[w_name].load_(
+                getattr(self, w_name),
+                getattr(self, w_name + "_scales_and_zeros"),
+                tensors,
+                prefix + w_name + "_",
+                missing_keys,
+                error_msgs,
+            )
+            missing_keys[n_missing:] = [
+                k.replace(prefix + w_name + "_weight", prefix + w_name) for k in missing_keys[n_missing:]
+            ]
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in used)
+
+
+def quantize_int4(model: nn.Module, group_size: Optional[int] = None) -> nn.Module:
+    """Replace every Column/RowParallelLinear of a model (wq, wk, wv, wo, w1, w2, w3, output, Llama 4's shared
+    expert) and Llama 4's experts with int4 ones, in place; the embedding stays. group_size: input features per
+    group (32, 64, 128 or 256), which must divide each layer's input features on this rank; None: 128, or the
+    largest of 64 and 32 that divides a layer's where 128 does not. A model on the meta
+    device becomes an int4 skeleton that load_state_dict fills, from Meta's weights or a saved int4 state dict.
+    Warns once when a product has no int4 kernel on this device. Returns the model."""
+    names = {id(m): n for n, m in model.named_modules()}
+    for module in list(model.modules()):
+        if isinstance(module, MoE):
+            module.experts = Int4Experts(module.experts, group_size, names[id(module.experts)])
+    model = replace_linear_layers(model, lambda linear: Int4Linear(linear, group_size, names[id(linear)]))
+    plain = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, (Int4Linear, Int4Experts))
+        and any(spec.kernel is None for spec in ([m.int4] if isinstance(m, Int4Linear) else m.int4.values()))
+    ]
+    if plain:
+        weight = next(iter(model.buffers()))
+        warnings.warn(
+            f"quantize='int4': no int4 kernel for {len(plain)} layer(s) ({plain[0]}, ...) on {weight.device.type} "
+            f"with {model.tok_embeddings.weight.dtype}; they dequantize their weights in every product, slower than "
+            "bfloat16 (ATen's int4 kernels: CPU, and CUDA with bfloat16 on compute capability 8.0+)",
+            stacklevel=2,
+        )
+    return model
+
+
+QUANTIZE_MODES = {"int8": quantize_int8, "int4": quantize_int4}
+
+
+def check_quantize_mode(mode: Optional[str]) -> None:
+    if mode is not None and mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={mode!r} is not supported: use None, 'int8' or 'int4' (weight-only)")
+
+
+def quantize_model(model: nn.Module, mode: Optional[str]) -> nn.Module:
+    """Llama.build's quantize= step: the model as it is (None), or its weights in int8 or int4, in place."""
+    check_quantize_mode(mode)
+    return model if mode is None else QUANTIZE_MODES[mode](model)
