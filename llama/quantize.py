@@ -7,7 +7,7 @@ communication of the fairscale layers they replace, so a sharded model quantizes
 
 import functools
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -350,36 +350,47 @@ class Int4Matrices:
         return {"weight": weight, "scales": scales, "zeros": zeros}
 
     def load_(
-        self, packed: torch.Tensor, sz: torch.Tensor, tensors: dict, prefix: str, missing_keys: list, error_msgs: list
+        self,
+        packed: torch.Tensor,
+        sz: torch.Tensor,
+        state_dict: dict,
+        keys: dict,
+        stacked: bool,
+        missing_keys: list,
+        error_msgs: list,
     ) -> None:
-        """Fill packed and sz from tensors: {"weight": floating-point (n, out, in)} or the portable layout."""
+        """Fill packed and sz from state_dict[keys["weight"]], floating-point (n, out, in), or the portable layout
+        under keys "weight", "scales", "zeros". stacked False: one matrix, its tensors without the n axis."""
         n, out_features, in_features = self.shape
-        weight = tensors.get("weight")
-        if weight is not None and weight.is_floating_point():
-            if weight.shape != self.shape:
-                error_msgs.append(f"{prefix}weight: shape {tuple(weight.shape)}, expected {self.shape}")
-                return
-            for i in range(n):
-                self.quantize_(packed, sz, i, weight[i])
-            return
         groups = in_features // self.group_size
-        shapes = {
-            "weight": (n, out_features, in_features // 2),
-            "scales": (n, out_features, groups),
-            "zeros": (n, out_features, groups),
-        }
-        ok = True
-        for key, shape in shapes.items():
-            if key not in tensors:
-                missing_keys.append(prefix + key)
-                ok = False
-            elif tensors[key].shape != shape:
+        weight = state_dict.get(keys["weight"])
+        if weight is not None and weight.is_floating_point():
+            shapes = {"weight": self.shape}
+        else:
+            shapes = {
+                "weight": (n, out_features, in_features // 2),
+                "scales": (n, out_features, groups),
+                "zeros": (n, out_features, groups),
+            }
+        tensors = {}
+        for role, shape in shapes.items():
+            shape = shape if stacked else shape[1:]
+            tensor = state_dict.get(keys[role])
+            if tensor is None:
+                missing_keys.append(keys[role])
+            elif tensor.shape != shape:
                 error_msgs.append(
-                    f"{prefix}{key}: shape {tuple(tensors[key].shape)}, expected {shape} (int4 groups of {self.group_size})"
+                    f"{keys[role]}: shape {tuple(tensor.shape)}, expected {shape} for int4 in groups of {self.group_size}"
                 )
-                ok = False
-        for i in range(n) if ok else ():
-            self.set_(packed, sz, i, unpack_pairs(weight[i]), tensors["scales"][i], tensors["zeros"][i])
+            else:
+                tensors[role] = tensor if stacked else tensor[None]
+        if len(tensors) < len(shapes):
+            return
+        for i in range(n):
+            if len(tensors) == 1:
+                self.quantize_(packed, sz, i, tensors["weight"][i])
+            else:
+                self.set_(packed, sz, i, unpack_pairs(tensors["weight"][i]), tensors["scales"][i], tensors["zeros"][i])
 
 
 class Int4Linear(ParallelLinear):
@@ -388,11 +399,19 @@ class Int4Linear(ParallelLinear):
     State dict: weight (out, in / 2) uint8, scales and zeros (out, groups) bfloat16; a floating-point weight
     (Meta's) loaded into it is quantized."""
 
-    def __init__(self, linear: nn.Module, group_size: Optional[int] = None, name: str = "a linear layer"):
+    def __init__(
+        self,
+        linear: nn.Module,
+        group_size: Optional[int] = None,
+        name: str = "a linear layer",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__(linear)
         w = linear.weight
-        self.int4 = Int4Matrices(1, *w.shape, group_size, w.device, w.dtype, name)
-        packed, sz = self.int4.empty(w.device)
+        device, dtype = torch.device(device or w.device), dtype or w.dtype
+        self.int4 = Int4Matrices(1, *w.shape, group_size, device, dtype, name)
+        packed, sz = self.int4.empty(device)
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_and_zeros", sz, persistent=False)
         if w.device.type != "meta":
@@ -408,15 +427,9 @@ class Int4Linear(ParallelLinear):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        ours = {
-            k[len(prefix) :]: v[None]
-            for k, v in state_dict.items()
-            if k in {prefix + n for n in ("weight", "scales", "zeros")}
-        }
-        if "weight" in ours and ours["weight"].is_floating_point():
-            ours = {"weight": ours["weight"]}  # Meta's weight, quantized here
-        self.int4.load_(self.packed, self.scales_and_zeros, ours, prefix, missing_keys, error_msgs)
-        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix) :] not in ours)
+        keys = {role: prefix + role for role in ("weight", "scales", "zeros")}
+        self.int4.load_(self.packed, self.scales_and_zeros, state_dict, keys, False, missing_keys, error_msgs)
+        unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in keys.values())
 
 
 class Int4Experts(nn.Module):
@@ -428,15 +441,21 @@ class Int4Experts(nn.Module):
 
     NAMES = ("w1", "w2", "w3")
 
-    def __init__(self, experts: nn.Module, group_size: Optional[int] = None, name: str = "experts"):
+    def __init__(
+        self,
+        experts: nn.Module,
+        group_size: Optional[int] = None,
+        name: str = "experts",
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         self.int4 = {}
         for w_name in self.NAMES:
             weights = getattr(experts, w_name).detach().mT  # (E, out, in): each expert's matrix as nn.Linear's weight
-            self.int4[w_name] = Int4Matrices(
-                *weights.shape, group_size, weights.device, weights.dtype, f"{name}.{w_name}"
-            )
-            packed, sz = self.int4[w_name].empty(weights.device)
+            where, what = torch.device(device or weights.device), dtype or weights.dtype
+            self.int4[w_name] = Int4Matrices(*weights.shape, group_size, where, what, f"{name}.{w_name}")
+            packed, sz = self.int4[w_name].empty(where)
             self.register_buffer(w_name, packed, persistent=False)
             self.register_buffer(w_name + "_scales_and_zeros", sz, persistent=False)
             if weights.device.type != "meta":
@@ -461,55 +480,51 @@ class Int4Experts(nn.Module):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
         used = set()
-        for w_name in self.NAMES:
-            keys = {
-                "weight": prefix + w_name,
-                "scales": prefix + w_name + "_scales",
-                "zeros": prefix + w_name + "_zeros",
-            }
-            tensors = {k: state_dict[key] for k, key in keys.items() if key in state_dict}
-            if "weight" in tensors and tensors["weight"].is_floating_point():
-                tensors = {"weight": tensors["weight"].mT}  # Meta's (E, in, out), quantized here
-            used.update(keys[k] for k in tensors)
-            n_missing = len(missing_keys)
-            self.int4[w_name].load_(
-                getattr(self, w_name),
-                getattr(self, w_name + "_scales_and_zeros"),
-                tensors,
-                prefix + w_name + "_",
-                missing_keys,
-                error_msgs,
-            )
-            missing_keys[n_missing:] = [
-                k.replace(prefix + w_name + "_weight", prefix + w_name) for k in missing_keys[n_missing:]
-            ]
+        for name in self.NAMES:
+            keys = {"weight": prefix + name, "scales": prefix + name + "_scales", "zeros": prefix + name + "_zeros"}
+            state = {k: state_dict[k] for k in keys.values() if k in state_dict}
+            if keys["weight"] in state and state[keys["weight"]].is_floating_point():
+                state = {keys["weight"]: state[keys["weight"]].mT}  # Meta's (E, in, out), quantized here
+            used.update(state)
+            packed, sz = getattr(self, name), getattr(self, name + "_scales_and_zeros")
+            self.int4[name].load_(packed, sz, state, keys, True, missing_keys, error_msgs)
         unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in used)
 
 
-def quantize_int4(model: nn.Module, group_size: Optional[int] = None) -> nn.Module:
+def quantize_int4(
+    model: nn.Module,
+    group_size: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
     """Replace every Column/RowParallelLinear of a model (wq, wk, wv, wo, w1, w2, w3, output, Llama 4's shared
-    expert) and Llama 4's experts with int4 ones, in place; the embedding stays. group_size: input features per
-    group (32, 64, 128 or 256), which must divide each layer's input features on this rank; None: 128, or the
-    largest of 64 and 32 that divides a layer's where 128 does not. A model on the meta
-    device becomes an int4 skeleton that load_state_dict fills, from Meta's weights or a saved int4 state dict.
-    Warns once when a product has no int4 kernel on this device. Returns the model."""
+    expert) and Llama 4's experts with int4 ones, in place; the embedding stays. Returns the model.
+
+    group_size: input features per group (32, 64, 128 or 256), which must divide each layer's input features on
+    this rank; None: 128, or the largest of 64 and 32 that divides a layer's where 128 does not. device, dtype:
+    where the int4 weights go and the activations' dtype (default: the weights'); a model on the meta device
+    becomes an int4 skeleton there that load_state_dict fills, from Meta's weights (quantized as they are read)
+    or from a saved int4 state dict. Warns once when some product has no int4 kernel on that device."""
     names = {id(m): n for n, m in model.named_modules()}
+    layers = []
     for module in list(model.modules()):
         if isinstance(module, MoE):
-            module.experts = Int4Experts(module.experts, group_size, names[id(module.experts)])
-    model = replace_linear_layers(model, lambda linear: Int4Linear(linear, group_size, names[id(linear)]))
-    plain = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, (Int4Linear, Int4Experts))
-        and any(spec.kernel is None for spec in ([m.int4] if isinstance(m, Int4Linear) else m.int4.values()))
-    ]
+            module.experts = Int4Experts(module.experts, group_size, names[id(module.experts)], device, dtype)
+            layers += module.experts.int4.values()
+
+    def make(linear: nn.Module) -> Int4Linear:
+        layer = Int4Linear(linear, group_size, names[id(linear)], device, dtype)
+        layers.append(layer.int4)
+        return layer
+
+    model = replace_linear_layers(model, make)
+    plain = [m for m in layers if m.kernel is None]
     if plain:
-        weight = next(iter(model.buffers()))
+        where = device or next(b for b in model.buffers() if b.dtype == torch.uint8).device
         warnings.warn(
-            f"quantize='int4': no int4 kernel for {len(plain)} layer(s) ({plain[0]}, ...) on {weight.device.type} "
-            f"with {model.tok_embeddings.weight.dtype}; they dequantize their weights in every product, slower than "
-            "bfloat16 (ATen's int4 kernels: CPU, and CUDA with bfloat16 on compute capability 8.0+)",
+            f"int4: no int4 kernel for {len(plain)} of {len(layers)} int4 weights on {torch.device(where).type} with "
+            f"{plain[0].dtype}; their products dequantize the weights first, slower than bfloat16 (ATen's int4 "
+            "kernels: CPU, and CUDA with bfloat16 on compute capability 8.0+)",
             stacklevel=2,
         )
     return model
