@@ -8,8 +8,8 @@ Measures, for each system and batch size: time to first token and prefill tokens
 --prompt_len tokens, decode tokens/s over --new_tokens tokens (greedy), and peak memory. Systems: "ours"
 (Transformer.forward with the KV cache, one token at a time with last_only, argmax, as Llama.generate
 does), "compiled" (llama.fast.compile_decode), "graphs" (CUDA graphs, llama.fast.cuda_graph_decode; GPU
-only), "int8" (llama.quantize), "int8+compiled", "int8+graphs", each built as Llama.build builds it
-(llama.cpu.choose_cpu_matmul on a CPU); "F.linear" (ours with every product left to PyTorch's F.linear, as
+only), "int8" and "int4" (llama.quantize) and each with "+compiled" and "+graphs", each built as Llama.build
+builds it (llama.cpu.choose_cpu_matmul on a CPU); "F.linear" (ours with every product left to PyTorch's F.linear, as
 gpt-fast's eager decoding and transformers run them); "hf" (transformers' LlamaForCausalLM holding the
 same weights, through its own generate, greedy, min_new_tokens = max_new_tokens); "meta" (Meta's reference
 model, llama_models.llama3.model from the llama-models package, same weights, driven by the loop "ours"
@@ -451,8 +451,9 @@ def main() -> None:
     p.add_argument("--batch_sizes", default="1,4")
     p.add_argument(
         "--systems",
-        default="ours,compiled,int8,int8+compiled,F.linear,hf,meta,generate",
-        help="any of ours,compiled,graphs,int8,int8+compiled,int8+graphs,F.linear,hf,meta,generate (Llama.generate "
+        default="ours,compiled,int8,int8+compiled,int4,int4+compiled,F.linear,hf,meta,generate",
+        help="any of ours,compiled,graphs,int8,int8+compiled,int8+graphs,int4,int4+compiled,int4+graphs,F.linear,"
+        "hf,meta,generate (Llama.generate "
         "against the bare loop); graphs (CUDA graphs, llama.fast.cuda_graph_decode) only on a GPU",
     )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per system and batch size (medians)")
@@ -493,28 +494,23 @@ def main() -> None:
     if "ours" in systems or "generate" in systems:
         built["ours"] = ours
         step_fns["ours"] = ours_step_fn(ours)
-    if "int8" in systems:
-        from llama.quantize import quantize_int8
+    from llama.fast import compile_decode, cuda_graph_decode
+    from llama.quantize import quantize_model
 
-        built["int8"] = quantize_int8(build_ours(args, state, device, dtype))
-        step_fns["int8"] = ours_step_fn(built["int8"])
-    if "compiled" in systems or "int8+compiled" in systems:
-        from llama.fast import compile_decode
+    for mode in ("int8", "int4"):  # each built as Llama.build builds it
+        if mode in systems:
+            built[mode] = choose_cpu_matmul(quantize_model(build_ours(args, state, device, dtype), mode))
+            step_fns[mode] = ours_step_fn(built[mode])
+        if mode + "+compiled" in systems:
+            built[mode + "+compiled"] = choose_cpu_matmul(quantize_model(build_ours(args, state, device, dtype), mode))
+            step_fns[mode + "+compiled"] = ours_step_fn(compile_decode(built[mode + "+compiled"]))
     if "compiled" in systems:
         built["compiled"] = choose_cpu_matmul(build_ours(args, state, device, dtype))
         step_fns["compiled"] = ours_step_fn(compile_decode(built["compiled"]))
-    if "int8+compiled" in systems:
-        from llama.quantize import quantize_int8
-
-        built["int8+compiled"] = quantize_int8(build_ours(args, state, device, dtype))
-        step_fns["int8+compiled"] = ours_step_fn(compile_decode(built["int8+compiled"]))
-    for name in ("graphs", "int8+graphs"):
+    for name in ("graphs", "int8+graphs", "int4+graphs"):
         if name in systems and device.type == "cuda":
-            from llama.fast import cuda_graph_decode
-            from llama.quantize import quantize_int8
-
-            model = build_ours(args, state, device, dtype)
-            built[name] = quantize_int8(model) if "int8" in name else model
+            mode = name.split("+")[0] if "+" in name else None
+            built[name] = quantize_model(build_ours(args, state, device, dtype), mode)
             step_fns[name] = ours_step_fn(cuda_graph_decode(built[name]))
     if "F.linear" in systems:
         built["F.linear"] = build_ours(args, state, device, dtype)  # same weights, own cache
@@ -532,7 +528,8 @@ def main() -> None:
     timings: dict[tuple[str, int], Timing] = {}
     gen_times: dict[int, list] = {}
     prompts = {b: torch.randint(0, args.vocab_size, (b, opts.prompt_len), device=device) for b in batches}
-    all_names = ("ours", "compiled", "graphs", "int8", "int8+compiled", "int8+graphs", "F.linear", "hf", "meta")
+    all_names = ("ours", "compiled", "graphs", "int8", "int8+compiled", "int8+graphs", "int4", "int4+compiled",
+                 "int4+graphs", "F.linear", "hf", "meta")  # fmt: skip
     names = [s for s in all_names if s in built]
 
     def run(name: str, b: int, new_tokens: int) -> tuple[float, float]:
@@ -619,7 +616,7 @@ def main() -> None:
             else:
                 step_bytes = bytes_per_step(model, args, b, context, dtype)
             roof = b * bandwidth * 1e9 / step_bytes
-            if b == 1 and "int8" not in name:
+            if b == 1 and "int" not in name:
                 vs_gemv.append(f"{name} {decode * step_bytes / 1e9 / med_probes[gemv_name]:.0%}")
             weights = tensor_bytes(model)
             peak = weights + statistics.median(tm.extra_mem)

@@ -36,13 +36,32 @@ class Int8Linear(ParallelLinear):
     scratch: a dict that the model's int8 layers share, where prompts' products keep their conversion buffer.
     """
 
-    def __init__(self, linear: nn.Module, scratch: dict):
+    def __init__(
+        self,
+        linear: nn.Module,
+        scratch: dict,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__(linear)
         weight = linear.weight.detach()
-        q, scales = quantize_rows(weight, weight.dtype)
+        device, dtype = torch.device(device or weight.device), dtype or weight.dtype
+        if weight.device.type == "meta":  # a skeleton, which load_state_dict fills
+            q = torch.empty(weight.shape, dtype=torch.int8, device=device)
+            scales = torch.empty(weight.shape[0], dtype=dtype, device=device)
+        else:
+            q, scales = (t.to(device) for t in quantize_rows(weight, dtype))
         self.register_buffer("weight", q)  # (out_features_local, in_features_local)
         self.register_buffer("scales", scales)  # (out_features_local,), in the activations' dtype
         self.scratch = scratch
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.is_floating_point() and weight.shape == self.weight.shape:
+            # Meta's weight, quantized as it is read
+            q, scales = quantize_rows(weight.to(self.weight.device), self.scales.dtype)
+            state_dict = {**state_dict, prefix + "weight": q, prefix + "scales": scales}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scales, self.scratch)
@@ -69,17 +88,40 @@ class Int8Experts(nn.Module):
     """llama/moe.py's Experts with each expert's matrices in int8, one scale per output channel, multiplied as
     Int8Linear multiplies: w1, w3 (E, F, D) and w2 (E, D, F) in nn.Linear's orientation."""
 
-    def __init__(self, experts: nn.Module, scratch: dict):
+    def __init__(
+        self,
+        experts: nn.Module,
+        scratch: dict,
+        device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
+    ):
         super().__init__()
         for name in ("w1", "w2", "w3"):
             weights = getattr(experts, name).detach().mT  # (E, out, in): each expert's matrix as nn.Linear's weight
-            q = torch.empty(weights.shape, dtype=torch.int8, device=weights.device)
-            scales = torch.empty(weights.shape[:2], dtype=weights.dtype, device=weights.device)
-            for e, w in enumerate(weights):  # one expert at a time: no full-size float32 copy
-                q[e], scales[e] = quantize_rows(w, w.dtype)
+            where, what = torch.device(device or weights.device), dtype or weights.dtype
+            q = torch.empty(weights.shape, dtype=torch.int8, device=where)
+            scales = torch.empty(weights.shape[:2], dtype=what, device=where)
+            if weights.device.type != "meta":  # else a skeleton, which load_state_dict fills
+                self.quantize_(q, scales, weights)
             self.register_buffer(name, q)
             self.register_buffer(name + "_scales", scales)
         self.scratch = scratch
+
+    @staticmethod
+    def quantize_(q: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor) -> None:
+        for e, w in enumerate(weights):  # one expert at a time: no full-size float32 copy
+            q[e], scales[e] = quantize_rows(w.to(q.device), scales.dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        state_dict = dict(state_dict)
+        for name in ("w1", "w2", "w3"):
+            weights = state_dict.get(prefix + name)
+            if weights is not None and weights.is_floating_point() and weights.mT.shape == getattr(self, name).shape:
+                # Meta's (E, in, out), quantized as it is read
+                q, scales = torch.empty_like(getattr(self, name)), torch.empty_like(getattr(self, name + "_scales"))
+                self.quantize_(q, scales, weights.mT)
+                state_dict[prefix + name], state_dict[prefix + name + "_scales"] = q, scales
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x_aD: torch.Tensor, e: int) -> torch.Tensor:
         h = F.silu(int8_linear(x_aD, self.w1[e], self.w1_scales[e], self.scratch))
@@ -105,17 +147,21 @@ def dequantize_in_blocks_matmul(x: torch.Tensor, weight: torch.Tensor, scratch: 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every Column/RowParallelLinear of a loaded model (wq, wk, wv, wo, w1, w2, w3, output), and Llama
-    4's experts, in place.
+def quantize_int8(
+    model: nn.Module, device: Optional[Union[str, torch.device]] = None, dtype: Optional[torch.dtype] = None
+) -> nn.Module:
+    """Replace every Column/RowParallelLinear of a model (wq, wk, wv, wo, w1, w2, w3, output), and Llama 4's
+    experts, in place. The embedding stays as it is (a lookup reads one row per token). Returns the model.
 
-    The embedding stays as it is (a lookup reads one row per token). Returns the model.
+    device, dtype: where the int8 weights go and the activations' dtype (default: the weights'); a model on the
+    meta device becomes an int8 skeleton there that load_state_dict fills, from Meta's weights (quantized as
+    they are read) or from a saved int8 state dict.
     """
     scratch: dict = {}  # this model's: freed with it, never shared with another model
     for module in list(model.modules()):  # Llama 4: the experts hold most of the weights
         if isinstance(module, MoE):
-            module.experts = Int8Experts(module.experts, scratch)
-    return replace_linear_layers(model, lambda linear: Int8Linear(linear, scratch))
+            module.experts = Int8Experts(module.experts, scratch, device, dtype)
+    return replace_linear_layers(model, lambda linear: Int8Linear(linear, scratch, device, dtype))
 
 
 # -- int4 -------------------------------------------------------------------------------------------------------------
@@ -519,10 +565,10 @@ def quantize_int4(
 
     model = replace_linear_layers(model, make)
     plain = [m for m in layers if m.kernel is None]
-    if plain:
-        where = device or next(b for b in model.buffers() if b.dtype == torch.uint8).device
+    where = torch.device(device or next(b for b in model.buffers() if b.dtype == torch.uint8).device)
+    if plain and where.type != "meta":  # on the meta device nothing runs
         warnings.warn(
-            f"int4: no int4 kernel for {len(plain)} of {len(layers)} int4 weights on {torch.device(where).type} with "
+            f"int4: no int4 kernel for {len(plain)} of {len(layers)} int4 weights on {where.type} with "
             f"{plain[0].dtype}; their products dequantize the weights first, slower than bfloat16 (ATen's int4 "
             "kernels: CPU, and CUDA with bfloat16 on compute capability 8.0+)",
             stacklevel=2,
@@ -538,7 +584,75 @@ def check_quantize_mode(mode: Optional[str]) -> None:
         raise ValueError(f"quantize={mode!r} is not supported: use None, 'int8' or 'int4' (weight-only)")
 
 
-def quantize_model(model: nn.Module, mode: Optional[str]) -> nn.Module:
-    """Llama.build's quantize= step: the model as it is (None), or its weights in int8 or int4, in place."""
+def quantize_model(model: nn.Module, mode: Optional[str], **options) -> nn.Module:
+    """Llama.build's quantize= step: the model as it is (None), or its weights in int8 or int4, in place.
+    options: quantize_int8's or quantize_int4's (device, dtype: see there)."""
     check_quantize_mode(mode)
-    return model if mode is None else QUANTIZE_MODES[mode](model)
+    return model if mode is None else QUANTIZE_MODES[mode](model, **options)
+
+
+# -- Memory ------------------------------------------------------------------------------------------------------------
+
+
+def _weight_key(key: str) -> str:
+    """The checkpoint key a quantized model's state dict key belongs to (its scales and zeros: the weight's)."""
+    for suffix, replacement in ((".scales", ".weight"), (".zeros", ".weight"), ("_scales", ""), ("_zeros", "")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)] + replacement
+    return key
+
+
+def weight_bytes(args, mode: Optional[str]) -> tuple[int, int]:
+    """(bytes split over the model-parallel ranks, bytes every rank holds whole) of the weights of a model of args
+    (a ModelArgs) in bfloat16 (mode None), int8 or int4 (groups as quantize_int4 picks them): counted over the
+    state dict of the model built on the meta device, split as Meta splits each weight; the replicated ones are
+    the norms and Llama 4's router. A rank of model_parallel_size holds split / model_parallel_size + whole."""
+    from llama.checkpoint import split_dim
+    from llama.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    quantize_model(model.to(torch.bfloat16), mode, device="meta", dtype=torch.bfloat16)
+    split = whole = 0
+    for key, tensor in model.state_dict().items():
+        size = tensor.numel() * tensor.element_size()
+        if split_dim(_weight_key(key)) is None:
+            whole += size
+        else:
+            split += size
+    return split, whole
+
+
+# params.json of Meta's Llama 4 releases (text model), as shipped
+LLAMA4_PARAMS = {
+    "Llama 4 Scout 17B-16E": dict(
+        dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
+        ffn_dim_multiplier=1.2, ffn_exp=4.0, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=True,
+        rope_scaling_factor=16.0, rope_high_freq_factor=1.0, nope_layer_interval=4, use_qk_norm=True,
+        attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192, attn_scale=0.1,
+        moe_args=dict(num_experts=16, capacity_factor=1.0, auto_scale_F=True, top_k=1, interleave_moe_layer_step=1),
+    ),
+    "Llama 4 Maverick 17B-128E": dict(
+        dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
+        ffn_dim_multiplier=1.2, ffn_exp=4.0, norm_eps=1e-05, rope_theta=500000.0, use_scaled_rope=False,
+        nope_layer_interval=4, use_qk_norm=False, attention_chunk_size=8192, attn_temperature_tuning=True,
+        floor_scale=8192, attn_scale=0.1,
+        moe_args=dict(num_experts=128, capacity_factor=1.0, auto_scale_F=True, top_k=1, interleave_moe_layer_step=2),
+    ),
+}  # fmt: skip
+
+
+def memory_table(models: Optional[dict] = None, mp_sizes: tuple = (1, 2, 4, 8)) -> str:
+    """A Markdown table of the weights' memory per GPU (or per process on a CPU) for each model (name: params.json
+    dict; default LLAMA4_PARAMS), in bfloat16, int8 and int4, at each model-parallel size, in GB (1e9 bytes)."""
+    from llama.model import ModelArgs
+
+    header = "| Model | weights | " + " | ".join(f"MP={mp}, per GPU" for mp in mp_sizes) + " |"
+    lines = [header, "|" + "---|" * (2 + len(mp_sizes))]
+    for name, params in (models or LLAMA4_PARAMS).items():
+        args = ModelArgs(**params)
+        for mode in (None, "int8", "int4"):
+            split, whole = weight_bytes(args, mode)
+            sizes = [(split / mp + whole) / 1e9 for mp in mp_sizes]
+            lines.append(f"| {name} | {mode or 'bf16'} | " + " | ".join(f"{s:.1f} GB" for s in sizes) + " |")
+    return "\n".join(lines)
