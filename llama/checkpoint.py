@@ -24,7 +24,9 @@ import torch
 
 from llama import checkpoint_llama4 as llama4
 from llama.args import ModelArgs, config_params, is_llama4_config, model_args, text_config
+from llama.cpu import release
 from llama.model import Transformer
+from llama.quantize import load_quantized, quantize_model, quantized_weight_keys
 
 # How Meta splits each weight across model-parallel ranks (keyed by the module name before ".weight").
 COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split along dim 0 (output features)
@@ -589,11 +591,15 @@ def build_transformer(
     dtype: torch.dtype,
     rank: int = 0,
     world: int = 1,
+    quantize: Optional[str] = None,
 ) -> Transformer:
     """A Transformer holding this rank's weights: built on the meta device, its keys and shapes checked against
     the checkpoint's before any weight is read, then given the mapped tensors themselves as they are read (cast
     or moved one at a time only where dtype or device differ), each checked for NaN/inf as it is placed. A load
-    that takes more than PROGRESS_AFTER_S seconds says how far it got on stderr (rank 0 only)."""
+    that takes more than PROGRESS_AFTER_S seconds says how far it got on stderr (rank 0 only). quantize "int8" or
+    "int4": the linear layers and experts are made empty in that form on the device first, and each weight is
+    quantized into its layer as it is read, so that neither host memory nor the device holds the floating-point
+    model (llama/quantize.py)."""
     ckpt = resolve(ckpt_dir)
     shares = RankShares(ckpt, args, rank, world)
     # On the meta device nothing is allocated, fairscale's full-size master weights included.
@@ -627,17 +633,25 @@ def build_transformer(
             )
         if not shares.dtypes[key].is_floating_point:
             raise ValueError(f"{ckpt.path}: '{key}' holds {shares.dtypes[key]}, not floating-point weights")
+    quantized = quantized_weight_keys(quantize_model(model, quantize, device=device, dtype=dtype)) if quantize else set()
     state = {}
     progress = _Progress(ckpt.path, args.n_layers, quiet=rank != 0)
-    for key, tensor in shares:  # each weight, as it is read, is placed here
-        state[key] = tensor.to(device=device, dtype=dtype)
-        check_finite(key, state[key], shares.files(key), tensor)
-        progress.placed(key, state[key])
+    for key, tensor in shares:  # each weight, as it is read, is placed here, or quantized into its layer
+        placed = tensor.to(device=device, dtype=dtype)
+        check_finite(key, placed, shares.files(key), tensor)
+        progress.placed(key, placed)
+        if key in quantized:
+            load_quantized(model, key, placed)
+            release(tensor)  # its pages of the mapped file: read once, not kept
+        else:
+            state[key] = placed
     progress.done()
-    if tied:
+    if tied and "output.weight" in quantized:
+        load_quantized(model, "output.weight", state["tok_embeddings.weight"])
+    elif tied:
         state["output.weight"] = state["tok_embeddings.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
-    if tied:
+    model.load_state_dict(state, strict=not quantized, assign=True)  # keys checked above
+    if tied and not quantized:
         model.output.weight = model.tok_embeddings.weight
     model.setup_caches(device, dtype)
     return model.eval()

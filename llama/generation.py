@@ -14,7 +14,7 @@ from llama.cpu import choose_cpu_matmul
 from llama.distributed import DTYPES, default_device, default_dtype, init_distributed
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
-from llama.quantize import check_quantize_mode, quantize_model
+from llama.quantize import check_quantize_mode
 from llama.sampling import sample, token_logprobs
 from llama.tokenizer import Tokenizer
 
@@ -108,10 +108,9 @@ class Llama:
                 f"{source} has vocab_size {args.vocab_size} but the tokenizer {tokenizer_path} has "
                 f"{tokenizer.n_words} tokens: pass the tokenizer.model that came with this model"
             )
-        model = build_transformer(ckpt, args, device, dtype, rank, world)
+        model = build_transformer(ckpt, args, device, dtype, rank, world, quantize)  # int8/int4: quantized as it loads
         # The fast paths, applied from outside the model: each swaps some of its layers for others that compute the
         # same product, or runs its forward for the one-token steps of decoding. model.py's forward stays the math.
-        model = quantize_model(model, quantize)
         model = choose_cpu_matmul(model)  # bfloat16 on a CPU: the faster of two matrix-product paths, measured
         decode_step = model
         if compile and device.type == "cuda":

@@ -1,8 +1,11 @@
-"""Opt-in int8 weight-only quantization: swaps a loaded Transformer's linear layers for int8 ones.
+"""Opt-in weight-only quantization (Llama.build's quantize="int8" or "int4"): swaps a Transformer's linear layers
+and Llama 4's experts for int8 or int4 ones; the embedding stays. docs/quantization.md has the figures.
 
-Each output channel (row of a weight) gets one scale, max|row| / 127, computed from the normal checkpoint at
-load time; the model then reads half the bytes of bfloat16 per token. The layers keep the model-parallel
-communication of the fairscale layers they replace, so a sharded model quantizes rank by rank.
+int8: one scale per output channel (row of a weight), max|row| / 127: half the bytes of bfloat16 per token. int4:
+groups of input features, 16 levels between each group's min and max: about a quarter. Weights are quantized
+from the normal checkpoint, each as it is read when Llama.build loads (llama/checkpoint.py), or from a loaded
+model. The layers keep the model-parallel communication of the fairscale layers they replace, so a sharded model
+quantizes rank by rank.
 """
 
 import functools
@@ -16,17 +19,34 @@ from torch import nn
 from llama.moe import MoE
 from llama.parallel import ParallelLinear, replace_linear_layers
 
+# Quantizing, packing and dequantizing go a slice of rows at a time, so that their float32 temporaries stay small
+# beside the weight (quantizing while loading holds one floating-point weight at a time, and no more).
+ELEMENTS_AT_ONCE = 1 << 20
 
-def quantize_rows(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 weight, per-row scale) with weight ~= int8 * scale[:, None]; symmetric, -127..127."""
-    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
-    for rows in range(0, weight.shape[0], 4096):  # float32 a few rows at a time: no full-size copy
-        w = weight[rows : rows + 4096].float()
+
+def rows_at_once(in_features: int) -> int:
+    """Rows of a weight to take at a time: a multiple of 64 (the CPU int4 layout's blocks of rows)."""
+    return max(64, ELEMENTS_AT_ONCE // in_features // 64 * 64)
+
+
+def quantize_rows(
+    weight: torch.Tensor, scale_dtype: torch.dtype, out: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, per-row scale) with weight ~= int8 * scale[:, None]; symmetric, -127..127. out: the two
+    tensors to write them into (on any device)."""
+    if out is None:
+        out = (
+            torch.empty(weight.shape, dtype=torch.int8, device=weight.device),
+            torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device),
+        )
+    q, scales = out
+    step = rows_at_once(weight.shape[1])
+    for rows in range(0, weight.shape[0], step):  # float32 a few rows at a time: no full-size copy
+        w = weight[rows : rows + step].to(torch.float32, copy=True)  # a copy, worked on in place
         # Round the scale to its stored dtype first, so that dividing by it leaves no systematic error.
         s = (w.abs().amax(dim=1) / 127).clamp(min=1e-10).to(scale_dtype)
-        q[rows : rows + 4096] = (w / s.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
-        scales[rows : rows + 4096] = s
+        q[rows : rows + step] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        scales[rows : rows + step] = s
     return q, scales
 
 
@@ -58,9 +78,8 @@ class Int8Linear(ParallelLinear):
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
         weight = state_dict.get(prefix + "weight")
         if weight is not None and weight.is_floating_point() and weight.shape == self.weight.shape:
-            # Meta's weight, quantized as it is read
-            q, scales = quantize_rows(weight.to(self.weight.device), self.scales.dtype)
-            state_dict = {**state_dict, prefix + "weight": q, prefix + "scales": scales}
+            quantize_rows(weight, self.scales.dtype, out=(self.weight, self.scales))  # Meta's weight, as it is read
+            return
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,18 +129,20 @@ class Int8Experts(nn.Module):
     @staticmethod
     def quantize_(q: torch.Tensor, scales: torch.Tensor, weights: torch.Tensor) -> None:
         for e, w in enumerate(weights):  # one expert at a time: no full-size float32 copy
-            q[e], scales[e] = quantize_rows(w.to(q.device), scales.dtype)
+            quantize_rows(w, scales.dtype, out=(q[e], scales[e]))
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        state_dict = dict(state_dict)
+        state_dict, filled = dict(state_dict), set()
         for name in ("w1", "w2", "w3"):
             weights = state_dict.get(prefix + name)
             if weights is not None and weights.is_floating_point() and weights.mT.shape == getattr(self, name).shape:
                 # Meta's (E, in, out), quantized as it is read
-                q, scales = torch.empty_like(getattr(self, name)), torch.empty_like(getattr(self, name + "_scales"))
-                self.quantize_(q, scales, weights.mT)
-                state_dict[prefix + name], state_dict[prefix + name + "_scales"] = q, scales
+                self.quantize_(getattr(self, name), getattr(self, name + "_scales"), weights.mT)
+                del state_dict[prefix + name]
+                filled |= {prefix + name, prefix + name + "_scales"}
         super()._load_from_state_dict(state_dict, prefix, *args)
+        missing_keys = args[2]
+        missing_keys[:] = [k for k in missing_keys if k not in filled]
 
     def forward(self, x_aD: torch.Tensor, e: int) -> torch.Tensor:
         h = F.silu(int8_linear(x_aD, self.w1[e], self.w1_scales[e], self.scratch))
@@ -176,7 +197,6 @@ def quantize_int8(
 
 GROUP_SIZES = (32, 64, 128, 256)  # what ATen's int4 products take
 DEFAULT_GROUP_SIZE = 128
-ROWS_AT_ONCE = 4096  # a multiple of 64 (the CPU layout's blocks of rows): quantize and pack a slice at a time
 
 
 def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -186,15 +206,18 @@ def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     q = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
     scales = torch.empty(out_features, in_features // group_size, dtype=torch.bfloat16, device=weight.device)
     zeros = torch.empty_like(scales)
-    for rows in range(0, out_features, ROWS_AT_ONCE):  # float32 a slice at a time: no full-size copy
-        w = weight[rows : rows + ROWS_AT_ONCE].float().unflatten(1, (-1, group_size))  # (rows, groups, group_size)
+    step = rows_at_once(in_features)
+    for rows in range(0, out_features, step):  # float32 a slice at a time: no full-size copy
+        w = (
+            weight[rows : rows + step].to(torch.float32, copy=True).unflatten(1, (-1, group_size))
+        )  # (rows, groups, group_size)
         low, high = w.amin(dim=2), w.amax(dim=2)
         # Scale and zero rounded to their stored dtype first, so that q is chosen against the values used.
         s = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16)
         z = (low + 8 * s.float()).to(torch.bfloat16)
-        levels = ((w - z.float()[..., None]) / s.float()[..., None]).round() + 8
-        q[rows : rows + ROWS_AT_ONCE] = levels.clamp(0, 15).to(torch.uint8).flatten(1)
-        scales[rows : rows + ROWS_AT_ONCE], zeros[rows : rows + ROWS_AT_ONCE] = s, z
+        levels = w.sub_(z.float()[..., None]).div_(s.float()[..., None]).round_().add_(8)  # in place
+        q[rows : rows + step] = levels.clamp_(0, 15).to(torch.uint8).flatten(1)
+        scales[rows : rows + step], zeros[rows : rows + step] = s, z
     return q, scales, zeros
 
 
@@ -218,10 +241,9 @@ def int4_plain_linear(x: torch.Tensor, packed: torch.Tensor, scales_and_zeros: t
     """x @ weight^T with the weight dequantized from the portable layout a slice of rows at a time, each slice
     multiplied in x's dtype: the reference for the kernels, and the product where there is none."""
     parts = []
-    for rows in range(0, packed.shape[0], ROWS_AT_ONCE):
-        w = dequantize_int4(
-            packed[rows : rows + ROWS_AT_ONCE], scales_and_zeros[:, rows : rows + ROWS_AT_ONCE], x.dtype
-        )
+    step = rows_at_once(packed.shape[1] * 2)
+    for rows in range(0, packed.shape[0], step):
+        w = dequantize_int4(packed[rows : rows + step], scales_and_zeros[:, rows : rows + step], x.dtype)
         parts.append(F.linear(x, w))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -279,9 +301,10 @@ def pack_for(kernel: Optional[str], q: torch.Tensor) -> torch.Tensor:
     """Values (out, in) 0..15 -> the layout kernel reads (the portable one for the plain path)."""
     if kernel == "cpu":
         packed = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8, device=q.device)
-        for rows in range(0, q.shape[0], ROWS_AT_ONCE):  # the layout's blocks of rows never cross a slice
-            packed[rows : rows + ROWS_AT_ONCE] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                q[rows : rows + ROWS_AT_ONCE].to(torch.int32), 1
+        step = rows_at_once(q.shape[1])
+        for rows in range(0, q.shape[0], step):  # the layout's blocks of rows never cross a slice
+            packed[rows : rows + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q[rows : rows + step].to(torch.int32), 1
             )
         return packed
     if kernel == "cuda":
@@ -656,3 +679,25 @@ def memory_table(models: Optional[dict] = None, mp_sizes: tuple = (1, 2, 4, 8)) 
             sizes = [(split / mp + whole) / 1e9 for mp in mp_sizes]
             lines.append(f"| {name} | {mode or 'bf16'} | " + " | ".join(f"{s:.1f} GB" for s in sizes) + " |")
     return "\n".join(lines)
+
+
+# -- Quantizing while loading --------------------------------------------------------------------------------------------
+
+
+def quantized_weight_keys(model: nn.Module) -> set[str]:
+    """The checkpoint keys of the weights that model's int8 and int4 layers hold."""
+    keys = set()
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(module, (Int8Linear, Int4Linear)):
+            keys.add(prefix + "weight")
+        elif isinstance(module, (Int8Experts, Int4Experts)):
+            keys.update(prefix + w for w in ("w1", "w2", "w3"))
+    return keys
+
+
+def load_quantized(model: nn.Module, key: str, weight: torch.Tensor) -> None:
+    """Quantize the checkpoint's floating-point weight `key` into the int8 or int4 layer of model that holds it;
+    model keeps no reference to weight."""
+    module, name = key.rsplit(".", 1)
+    model.get_submodule(module).load_state_dict({name: weight}, strict=False, assign=True)

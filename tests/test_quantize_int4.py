@@ -105,7 +105,7 @@ def test_groups_round_trip_within_half_a_step_of_their_own_scale():
 def test_the_cpu_layout_unpacks_exactly_what_aten_packed(rows, monkeypatch):
     # ATen's CPU packing is a layout of its own (blocks of 64 rows on AVX-512); the state dict's portable layout is
     # read back from it. Packing a slice of rows at a time gives ATen's packing of the whole.
-    monkeypatch.setattr(llama.quantize, "ROWS_AT_ONCE", 128)
+    monkeypatch.setattr(llama.quantize, "ELEMENTS_AT_ONCE", 128 * 96)  # slices of 128 rows
     q = torch.randint(0, 16, (rows, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(rows))
     packed = pack_for("cpu", q)
     assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.int(), 1))
@@ -401,3 +401,23 @@ def test_build_with_int4_swaps_the_layers_and_stays_within_the_bound(tmp_path):
     t = tokens(12, 60)
     assert_within_bound(prompt_then_decode(int4.model, t, 50), prompt_then_decode(plain.model, t, 50))
     assert int4.text_completion(["hi"], max_gen_len=4, temperature=0)[0]["generation"] is not None
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("shape", ["llama3", "llama4"])
+def test_a_build_that_quantizes_while_loading_equals_quantizing_after(shape, mode, tmp_path):
+    # llama/checkpoint.py quantizes each weight as it is read: the model of a normal load quantized afterwards,
+    # exactly; with the output projection tied to the embedding (Llama 3.2 1B/3B) and with shards merged.
+    from llama.checkpoint import build_transformer
+    from llama.tiny import write_checkpoint
+
+    params = PARAMS if shape == "llama3" else LLAMA4
+    args = ModelArgs(**params, max_seq_len=64, max_batch_size=2)
+    state = random_state_dict(args, seed=13, std=0.02, dtype=torch.bfloat16, tied=shape == "llama3")
+    write_checkpoint(tmp_path, params, state, n_shards=2)
+    cpu = torch.device("cpu")
+    expected = quantize_model(build_transformer(tmp_path, args, cpu, torch.bfloat16), mode)
+    got = build_transformer(tmp_path, args, cpu, torch.bfloat16, quantize=mode)
+    assert type(got.output) is type(expected.output) and got.tok_embeddings.weight.dtype == torch.bfloat16
+    t = tokens(13, 40)
+    assert torch.equal(prompt_then_decode(got, t, 30), prompt_then_decode(expected, t, 30))
