@@ -208,9 +208,8 @@ def quantize_groups(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor
     zeros = torch.empty_like(scales)
     step = rows_at_once(in_features)
     for rows in range(0, out_features, step):  # float32 a slice at a time: no full-size copy
-        w = (
-            weight[rows : rows + step].to(torch.float32, copy=True).unflatten(1, (-1, group_size))
-        )  # (rows, groups, group_size)
+        w = weight[rows : rows + step].to(torch.float32, copy=True)  # a copy, worked on in place
+        w = w.unflatten(1, (-1, group_size))  # (rows, groups, group_size)
         low, high = w.amin(dim=2), w.amax(dim=2)
         # Scale and zero rounded to their stored dtype first, so that q is chosen against the values used.
         s = ((high - low) / 15).clamp(min=1e-10).to(torch.bfloat16)
