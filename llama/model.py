@@ -260,7 +260,7 @@ class Transformer(nn.Module):
         """h with its rows at image_mask (the <|patch|> tokens) replaced by the images' patch embeddings, in order."""
         if not hasattr(self, "vision_embeddings"):
             raise ValueError(
-                "this model has no vision encoder (no vision_args in its params.json, or built with vision=False): "
+                "this model has no vision encoder (no vision_args in its settings, or a text-only build): "
                 "it cannot take images"
             )
         if images is None or image_mask is None:
@@ -288,4 +288,4 @@ class Transformer(nn.Module):
             return h
         patches = self.vision_embeddings(images)  # (n_chunks, patches_per_chunk, output_dim)
         patches = self.vision_projection(patches.flatten(0, 1))  # (n_patches, dim)
-        return h.masked_scatter(image_mask[..., None], patches.to(h.dtype))
+        return h.masked_scatter(image_mask.to(h.device)[..., None], patches.to(h.dtype))
