@@ -255,49 +255,34 @@ def test_vision_embeddings_equal_meta_reference(vision_model):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_int8_build_leaves_the_vision_tower_as_it_is(vision_model):
-    # Weight-only int8 is for the language model's layers (as Meta's quantization); the tower's stay float.
+FAST_PATHS = ("int8", "packed bfloat16", "plain layers for torch.compile")
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_fast_paths_swap_the_language_models_layers_and_leave_the_vision_tower(vision_model, monkeypatch, path):
+    # Weight-only int8 (as Meta's quantization), packed CPU weights and compile's plain layers are for the language
+    # model's layers; the tower, whose biases the replacements would not add, keeps its own.
+    import llama.cpu
+    from llama.fast import without_fairscale
     from llama.quantize import quantize_int8
 
-    args, state, ours = vision_model
-    tokens, images = image_prompt()
-    model = quantize_int8(our_model(args, state))
-    assert type(model.layers[0].attention.wq).__name__ == "Int8Linear"
-    vision = [m for name, m in model.named_modules() if name.startswith("vision_")]
-    assert not any("Int8" in type(m).__name__ for m in vision)
-    torch.testing.assert_close(model.vision_embeddings(images), ours.vision_embeddings(images), atol=0, rtol=0)
-    logits = model(tokens, 0, images=images, image_mask=tokens == PATCH_ID)
-    assert logits.shape == (2, 20, VOCAB) and logits.isfinite().all()
-
-
-def test_packed_bfloat16_build_reads_images_as_the_plain_bfloat16_model(vision_model, monkeypatch):
-    # On a CPU, a bfloat16 build packs the bias-free layers that multiply faster packed (here all, as if measured
-    # so), the tower's among them; the layers with biases keep their own product.
-    import llama.cpu
-
-    monkeypatch.setattr(llama.cpu, "faster", lambda *args: True)
+    monkeypatch.setattr(llama.cpu, "faster", lambda *args: True)  # pack every shape, as if measured faster
+    make = dict(zip(FAST_PATHS, (quantize_int8, llama.cpu.choose_cpu_matmul, without_fairscale)))[path]
+    dtype = torch.bfloat16 if path == "packed bfloat16" else torch.float32
     args, state, _ = vision_model
+    reference = our_model(args, state).to(dtype)
+    model = make(our_model(args, state).to(dtype))
+    assert type(model.layers[0].attention.wq) is not type(reference.layers[0].attention.wq)
+    tower, reference_tower = model.vision_embeddings, reference.vision_embeddings
+    assert [type(m) for m in tower.modules()] == [type(m) for m in reference_tower.modules()]
+    assert type(model.vision_projection) is type(reference.vision_projection)
     tokens, images = image_prompt()
-    mask = tokens == PATCH_ID
-    plain = our_model(args, state).bfloat16()
-    packed = llama.cpu.choose_cpu_matmul(our_model(args, state).bfloat16())
-    assert type(packed.vision_embeddings.vision_adapter.mlp.c_fc).__name__ == "PackedLinear"
-    assert packed.vision_embeddings.vision_encoder.transformer.resblocks[0].attn.wq.bias is not None
-    expected = plain(tokens, 0, images=images, image_mask=mask)
-    got = packed(tokens, 0, images=images, image_mask=mask)
-    assert ((got - expected).norm() / expected.norm()).item() < 1e-2
-
-
-def test_plain_layers_of_the_compiled_path_keep_the_encoders_biases(vision_model):
-    # compile=True first swaps fairscale's layers for plain ones (llama/fast.py); the encoder's biases go along.
-    from llama.fast import without_fairscale
-
-    args, state, ours = vision_model
-    tokens, images = image_prompt()
-    mask = tokens == PATCH_ID
-    plain = without_fairscale(our_model(args, state))
-    expected = ours(tokens, 0, images=images, image_mask=mask)
-    torch.testing.assert_close(plain(tokens, 0, images=images, image_mask=mask), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(tower(images), reference_tower(images), atol=0, rtol=0)
+    logits = model(tokens, 0, images=images, image_mask=tokens == PATCH_ID)
+    assert logits.isfinite().all()
+    if path == "plain layers for torch.compile":  # the same products
+        expected = reference(tokens, 0, images=images, image_mask=tokens == PATCH_ID)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
 
 
 # --- checkpoints ----------------------------------------------------------------------------------------------
