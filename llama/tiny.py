@@ -232,7 +232,10 @@ def main(
         tok_file.write_bytes(Path(tokenizer_path).read_bytes())
     else:
         write_byte_tokenizer(tok_file)
-    params = dict(TINY_LLAMA4_PARAMS if llama4 else TINY_PARAMS, vocab_size=Tokenizer(str(tok_file)).n_words)
+    tokenizer = Tokenizer(str(tok_file))
+    params = dict(TINY_LLAMA4_PARAMS if llama4 else TINY_PARAMS, vocab_size=tokenizer.n_words)
+    if "<|patch|>" not in getattr(tokenizer, "special_tokens", {}):  # no image tokens: a text-only Llama 4
+        params.pop("vision_args", None)
     state = random_state_dict(ModelArgs(**params), seed=seed)
     write_checkpoint(out, params, state, n_shards, released=llama4)
     print(f"Wrote a random-weight model to {out}/ (it writes random text). Try:")

@@ -22,7 +22,8 @@ from llama.tiny import (
 )
 
 # Eight heads over four KV heads, so that four ranks can share them; dense and MoE layers alternate.
-PARAMS = dict(TINY_LLAMA4_PARAMS, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512)
+# Text only: a byte tokenizer has no image tokens (tests/test_llama4_vision.py loads the vision tower).
+PARAMS = dict(TINY_LLAMA4_PARAMS, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512, vision_args=None)
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 CPU = torch.device("cpu")
 ATOL = 1e-4
@@ -147,8 +148,10 @@ def _with_extra_keys(folder, extra):
 
 
 def test_a_text_only_build_skips_vision_weights_and_router_statistics_with_one_line_each(ckpt, reference, tmp_path):
-    args, state, _ = ckpt
-    write_checkpoint(tmp_path, PARAMS, state, 2, released=True)  # with the vision tower's weights
+    # The same weights, with a vision tower (drawn after the text model's from the same generator) and its vision_args
+    params = dict(PARAMS, vision_args=TINY_LLAMA4_PARAMS["vision_args"])
+    state = random_state_dict(args_for(params), seed=1, std=0.15, dtype=torch.float32)
+    write_checkpoint(tmp_path, params, state, 2, released=True)
     write_byte_tokenizer(tmp_path / "tokenizer.model")
     extra = {"layers.0.attention.wqkv._extra_state": torch.zeros(0)}  # training bookkeeping: dropped quietly
     for i in (1, 3):  # the MoE layers

@@ -5,6 +5,7 @@ of shards, one or two ranks) and Hugging Face folders load the tower and give th
 
 import contextlib
 import importlib.util
+import shutil
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from hf_reference import hf_llama4
 from llama.args import model_args
 from llama.checkpoint import build_transformer, read_params
 from llama.model import ModelArgs, Transformer
-from llama.tiny import TINY_LLAMA4_PARAMS, random_state_dict, write_byte_tokenizer, write_checkpoint
+from llama.tiny import TINY_LLAMA4_PARAMS, llama4_tokenizer, random_state_dict, write_checkpoint
+from llama.tokenizer import Tokenizer
 
 VOCAB, PATCH_ID = 256, 200  # PATCH_ID plays <|patch|>
 # A tile of 32 x 32 pixels in patches of 8: a 4 x 4 grid, pixel-shuffled by 0.5 into 4 tokens per tile. mlp_ratio
@@ -293,15 +295,18 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     """(args, unsharded state, {n: folder}): python -m llama.tiny --llama4's model (56-pixel tiles, 4 tokens each)
-    in Meta's released layout, in 1 and 2 shards, with a byte tokenizer."""
+    in Meta's released layout, in 1 and 2 shards, with Meta's Llama 4 tokenizer (its image tokens)."""
+    tokenizer = llama4_tokenizer()
+    if tokenizer is None:
+        pytest.skip("llama-models is not installed: a Llama 4 with images needs Meta's Llama 4 tokenizer")
     root = tmp_path_factory.mktemp("llama4-vision")
-    params = dict(TINY_LLAMA4_PARAMS, vocab_size=512)
+    params = dict(TINY_LLAMA4_PARAMS, vocab_size=Tokenizer(str(tokenizer)).n_words)
     args = model_args(params, max_seq_len=24, max_batch_size=2)
     state = random_state_dict(args, seed=3, std=0.15, dtype=torch.float32)
     folders = {n: root / f"released-{n}" for n in (1, 2)}
     for n, folder in folders.items():
         write_checkpoint(folder, params, state, n, released=True)
-        write_byte_tokenizer(folder / "tokenizer.model")
+        shutil.copy(tokenizer, folder / "tokenizer.model")
     return args, state, folders
 
 
