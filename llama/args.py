@@ -1,5 +1,6 @@
-"""Every configuration fact in one place: ModelArgs and MoEArgs, params.json and Hugging Face's config.json read
-into them, the RoPE defaults a params.json leaves out, and the sizes derived from them (head_dim, hidden sizes)."""
+"""Every configuration fact in one place: ModelArgs, MoEArgs and VisionArgs, params.json and Hugging Face's
+config.json read into them, the RoPE defaults a params.json leaves out, and the sizes derived from them (head_dim,
+hidden sizes)."""
 
 import typing
 import warnings
@@ -25,6 +26,61 @@ def swiglu_hidden_dim(hidden_dim: int, multiple_of: int, ffn_dim_multiplier: Opt
     if ffn_dim_multiplier is not None:
         hidden_dim = int(ffn_dim_multiplier * hidden_dim)
     return multiple_of * ((hidden_dim + multiple_of - 1) // multiple_of)
+
+
+@dataclass(frozen=True)
+class Size:
+    height: int
+    width: int
+
+
+@dataclass
+class VisionArgs:
+    """params.json's "vision_args" (Llama 4): the vision encoder (llama/vision.py). Sizes as {"height", "width"}."""
+
+    image_size: Size  # one tile of the image, in pixels (Scout: 336 x 336)
+    patch_size: Size  # one patch, in pixels (Scout: 14 x 14, so a tile is 24 x 24 patches)
+    dim: int
+    n_layers: int
+    n_heads: int
+    mlp_ratio: float  # the encoder's feed-forward has mlp_ratio * dim hidden features
+    output_dim: int  # the adapter's output; vision_projection takes it to the language model's dim
+    pixel_shuffle_ratio: float  # 0.5: each 2 x 2 block of patches becomes one token of 4 * dim features
+
+    def __post_init__(self):
+        def positive_int(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            value = Size(**value) if isinstance(value, dict) and set(value) == {"height", "width"} else value
+            if not isinstance(value, Size) or not (positive_int(value.height) and positive_int(value.width)):
+                raise ValueError(f'vision_args.{name} must be {{"height": H, "width": W}} in pixels, got {value!r}')
+            setattr(self, name, value)
+        for name in ("dim", "n_layers", "n_heads", "output_dim"):
+            if not positive_int(getattr(self, name)):
+                raise ValueError(f"vision_args.{name} must be a positive integer, got {getattr(self, name)!r}")
+        h, w, ph, pw = self.image_size.height, self.image_size.width, self.patch_size.height, self.patch_size.width
+        r = self.pixel_shuffle_ratio
+        if h % ph or w % pw or h // ph != w // pw:
+            raise ValueError(f"vision_args: a tile of {h} x {w} pixels must be a square grid of {ph} x {pw} patches")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ValueError(
+                f"vision_args: dim {self.dim} must split into {self.n_heads} heads of a size divisible by 4 "
+                "(2-D rotary positions turn half of each head's pairs with the column, half with the row)"
+            )
+        grid = h // ph
+        if not 0 < r <= 1 or (grid * r) % 1 or (self.dim / r**2) % 1:
+            raise ValueError(
+                f"vision_args: pixel_shuffle_ratio {r} must shrink the {grid} x {grid} grid of patches and scale "
+                f"dim {self.dim} up to whole numbers"
+            )
+
+    @property
+    def patches_per_chunk(self) -> int:
+        """Tokens one tile becomes: its patches, merged by pixel shuffle (Scout: 24 * 24 / 4 = 144)."""
+        grid = self.image_size.height // self.patch_size.height
+        return int(grid * self.pixel_shuffle_ratio) ** 2
 
 
 @dataclass
@@ -57,6 +113,7 @@ class ModelArgs:
     attn_temperature_tuning: bool = False  # NoPE layers scale q up with the position (long contexts)
     floor_scale: float = 8192.0
     attn_scale: float = 0.1
+    vision_args: Optional[VisionArgs] = None  # the vision encoder, for images; None: a text-only model
 
     max_batch_size: int = 32
     max_seq_len: int = 2048
@@ -67,6 +124,11 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         if isinstance(self.moe_args, dict):
             self.moe_args = MoEArgs(**self.moe_args)
+        if isinstance(self.vision_args, dict):
+            try:
+                self.vision_args = VisionArgs(**self.vision_args)
+            except TypeError as e:  # a key missing or unknown
+                raise ValueError(f"vision_args: {e}") from None
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "max_batch_size", "max_seq_len"):
             _check_positive(name, getattr(self, name))
         for name in ("ffn_hidden_dim", "expert_hidden_dim", "nope_layer_interval", "attention_chunk_size"):
@@ -152,8 +214,7 @@ def model_args(params: dict, source: str = "params.json", **overrides) -> ModelA
     """ModelArgs from params.json's dict, with its types checked and the RoPE defaults filled in; unknown keys
     are dropped with a warning. overrides (max_seq_len, max_batch_size, ...) win over params."""
     known = typing.get_type_hints(ModelArgs)
-    # vision_args (Llama 4): the loader says that the vision tower's weights are skipped, once, as it skips them
-    unknown = sorted(set(params) - set(known) - {"vision_args"})
+    unknown = sorted(set(params) - set(known))
     if unknown:
         warnings.warn(f"{source}: ignoring keys this model does not use: {', '.join(unknown)}", stacklevel=2)
     # null in params.json means the default (Llama 4's rope_scaling_factor, for one)
@@ -212,7 +273,10 @@ def config_params(config: dict, source: str = "config.json") -> dict:
     """params.json's settings for a Hugging Face LlamaForCausalLM or Llama 4 config.json; ValueError for anything
     else. The hidden sizes are carried as stated (ffn_hidden_dim, expert_hidden_dim)."""
     if is_llama4_config(config):
-        return _llama4_config_params(text_config(config), source)
+        params = _llama4_config_params(text_config(config), source)
+        if config.get("vision_config") is not None:  # Llama4ForConditionalGeneration
+            params["vision_args"] = _llama4_vision_params(config["vision_config"], source)
+        return params
     architectures = config.get("architectures") or []
     model_type = config.get("model_type")
     if model_type not in (None, "llama") or (architectures and "LlamaForCausalLM" not in architectures):
@@ -367,3 +431,55 @@ def _llama4_config_params(text: dict, source: str) -> dict:
     elif rope_type not in (None, "default"):
         raise ValueError(f"{source}: RoPE type {rope_type!r} is not supported; Llama 4 uses 'default' or 'llama3'")
     return params
+
+
+# Llama4VisionConfig's defaults, for keys a config.json leaves out
+LLAMA4_VISION_CONFIG_DEFAULTS = dict(
+    hidden_size=768,
+    num_hidden_layers=34,
+    num_attention_heads=16,
+    intermediate_size=5632,
+    vision_output_dim=7680,
+    image_size=448,
+    patch_size=14,
+    pixel_shuffle_ratio=0.5,
+    projector_input_dim=4096,
+    projector_output_dim=4096,
+)
+
+
+def _llama4_vision_params(vision: dict, source: str) -> dict:
+    """params.json's vision_args for the vision_config of a Hugging Face Llama4ForConditionalGeneration config."""
+    if not isinstance(vision, dict):
+        raise ValueError(f"{source}: vision_config must be an object, got {vision!r}")
+    vision = {**LLAMA4_VISION_CONFIG_DEFAULTS, **vision}
+    for key in LLAMA4_VISION_CONFIG_DEFAULTS:
+        value = vision[key]
+        if key != "pixel_shuffle_ratio" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{source}: vision_config '{key}' must be a positive integer, got {value!r}")
+    dim, ratio, output_dim = vision["hidden_size"], vision["pixel_shuffle_ratio"], vision["vision_output_dim"]
+    theta = (vision.get("rope_parameters") or {}).get("rope_theta", vision.get("rope_theta", 10000.0))
+    # Variants transformers can express but Meta's encoder cannot: refused, never computed wrongly. Its adapter's
+    # input is intermediate_size, which is the pixel-shuffled dim only when mlp_ratio is 1 / ratio² (Scout: 4).
+    fixed = {
+        "hidden_act": (vision.get("hidden_act", "gelu"), "gelu"),
+        "num_channels": (vision.get("num_channels", 3), 3),
+        "multi_modal_projector_bias": (vision.get("multi_modal_projector_bias", False), False),
+        "rope_theta": (theta, 10000.0),
+        "projector_input_dim": (vision["projector_input_dim"], output_dim),
+        "projector_output_dim": (vision["projector_output_dim"], output_dim),
+        "intermediate_size": (vision["intermediate_size"], int(dim / ratio**2)),
+    }
+    for key, (value, wanted) in fixed.items():
+        if value != wanted:
+            raise ValueError(f"{source}: vision_config {key}={value!r} is not supported; Meta's Llama 4 has {wanted!r}")
+    return dict(
+        image_size={"height": vision["image_size"], "width": vision["image_size"]},
+        patch_size={"height": vision["patch_size"], "width": vision["patch_size"]},
+        dim=dim,
+        n_layers=vision["num_hidden_layers"],
+        n_heads=vision["num_attention_heads"],
+        mlp_ratio=vision["intermediate_size"] / dim,
+        output_dim=output_dim,
+        pixel_shuffle_ratio=ratio,
+    )

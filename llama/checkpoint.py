@@ -28,14 +28,17 @@ from llama.cpu import release
 from llama.model import Transformer
 from llama.quantize import load_quantized, quantize_model, quantized_weight_keys
 
-# How Meta splits each weight across model-parallel ranks (keyed by the module name before ".weight").
-COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output")  # split along dim 0 (output features)
-ROW_PARALLEL = ("wo", "w2")  # split along dim 1 (input features)
+# How Meta splits each weight across model-parallel ranks (keyed by the module name before ".weight"). Llama 4's
+# vision tower: the same for its attention, c_fc, conv1._linear and vision_projection as column, c_proj as row;
+# a column-parallel layer's bias is split as its weight, a row-parallel layer's is replicated (added after the sum).
+COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3", "output", "c_fc", "_linear", "vision_projection")  # along dim 0
+ROW_PARALLEL = ("wo", "w2", "c_proj")  # split along dim 1 (input features)
 # Llama 4's experts are split along their hidden size F: w1, w3 (E, D, F) along dim 2, w2 (E, F, D) along dim 1;
 # the router (D, E) is replicated. Meta's released files store some weights fused or flat: llama/checkpoint_llama4.py.
 # tok_embeddings: Llama 2 splits it along dim 1 (hidden), Llama 3 along dim 0 (vocabulary); this model
 # always splits the vocabulary, and the shard shapes tell which layout a checkpoint has. Norms are replicated.
 UNUSED_KEYS = ("rope.freqs",)  # Llama 2 stores its RoPE table; the model recomputes it
+VISION_KEYS = ("vision_embeddings.", "vision_projection.")  # Llama 4's vision tower: read for a model with one
 
 HF_INDEX = "model.safetensors.index.json"
 _HF_SHARD_NAME = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
@@ -371,7 +374,7 @@ def _hf_tensors(ckpt: Checkpoint) -> dict[str, _LazyTensor]:
     if ckpt.is_llama4:
         architecture = "Llama 4"
         tensors, unknown = llama4.hf_tensors(
-            list(where), lambda name: _LazyTensor(handles[where[name]], name, where[name]), str(ckpt.folder)
+            list(where), lambda name: _LazyTensor(handles[where[name]], name, where[name])
         )
         tied = text_config(ckpt.config).get("tie_word_embeddings", ckpt.config.get("tie_word_embeddings"))
     else:
@@ -420,7 +423,7 @@ def split_dim(key: str) -> Optional[int]:
     module = key.rsplit(".", 2)[-2] if key.count(".") else key
     if module in COLUMN_PARALLEL or module == "tok_embeddings":
         return 0
-    if module in ROW_PARALLEL:
+    if module in ROW_PARALLEL and not key.endswith(".bias"):
         return 1
     return None
 
@@ -457,6 +460,10 @@ def check_parallel_size(args: ModelArgs, n_shards: int, world: int, ckpt_dir: Pa
     sizes["the feed-forward hidden size"] = args.ffn_hidden_dim
     if args.moe_args is not None:
         sizes["the experts' hidden size"] = args.expert_hidden_dim
+    if args.vision_args is not None:
+        vision = args.vision_args
+        sizes |= {"dim": args.dim, "vision_args.n_heads": vision.n_heads, "vision_args.output_dim": vision.output_dim}
+        sizes["the vision encoder's feed-forward hidden size"] = int(vision.mlp_ratio * vision.dim)
 
     def fits(m: int) -> bool:
         return not (n_shards % m and m % n_shards) and all(v % m == 0 for v in sizes.values())
@@ -509,6 +516,9 @@ class RankShares:
             if key == "tok_embeddings.weight" and n > 1 and shape[1] != args.dim:
                 src = 1  # Llama 2 layout: the hidden dimension is split; this model splits the vocabulary
             self._plans[key] = _plan(shape, n, src, dim, rank, world)
+        # A text-only build of a model with images (no vision_args): the vision tower's weights are never read.
+        vision = [key for key in self._plans if key.startswith(VISION_KEYS)] if args.vision_args is None else []
+        self.skipped = {key: torch.Size(self._plans.pop(key)[0]) for key in vision}
         self.shapes = {key: torch.Size(share) for key, (share, _) in self._plans.items()}
 
     def _check_shard_count(self) -> None:
@@ -602,6 +612,15 @@ def build_transformer(
     model (llama/quantize.py)."""
     ckpt = resolve(ckpt_dir)
     shares = RankShares(ckpt, args, rank, world)
+    if shares.skipped:
+        n = sum(shape.numel() for shape in shares.skipped.values())
+        size = n * dtype.itemsize / 2**20
+        size = f"{size / 1024:.2f} GiB" if size >= 1024 else f"{size:.1f} MiB"
+        warnings.warn(
+            f"{ckpt.path}: a text-only build: the vision tower's weights (vision_embeddings.*, vision_projection.*) "
+            f"are skipped, {n:,} parameters on each rank, {size} in {str(dtype).removeprefix('torch.')}",
+            stacklevel=2,
+        )
     # On the meta device nothing is allocated, fairscale's full-size master weights included.
     with torch.device("meta"):
         model = Transformer(args)

@@ -9,13 +9,8 @@ import torch
 
 from llama.args import ModelArgs
 
-# Keys of Meta's released files that the text model does not use: dropped with one warning line per kind.
+# Keys of Meta's released files that are no weights of the model: dropped with one warning line per kind.
 SKIPPED = {
-    "vision": (
-        re.compile(r"(vision_embeddings|vision_projection)\..*|vision_projection"),
-        "this library runs the text model; the vision tower's weights (vision_embeddings.*, vision_projection.*) "
-        "are skipped",
-    ),
     "router statistics": (
         re.compile(r"layers\.\d+\.feed_forward\.(global_gate_stats_3E|running_gate_stats_3E|expert_activation_DE)"),
         "skipping the router statistics training left in the files (global_gate_stats_3E, running_gate_stats_3E, "
@@ -170,7 +165,31 @@ LLAMA4_HF_LAYER_NAMES = {
     "feed_forward.shared_expert.down_proj.weight": "feed_forward.shared_expert.w2.weight",
     "feed_forward.experts.down_proj": "feed_forward.experts.w2",  # (E, F, D), as the model's
 }
-HF_VISION = re.compile(r"(vision_model|multi_modal_projector)\..*")
+# Hugging Face's names of the vision tower (Llama4ForConditionalGeneration) -> the model's, which are Meta's
+_ENCODER = "vision_embeddings.vision_encoder."
+HF_VISION_NAMES = {
+    "vision_model.patch_embedding.linear.weight": _ENCODER + "conv1._linear.weight",
+    "vision_model.class_embedding": _ENCODER + "class_embedding",
+    "vision_model.positional_embedding_vlm": _ENCODER + "positional_embedding_vlm",
+    "vision_model.layernorm_pre.weight": _ENCODER + "ln_pre.weight",
+    "vision_model.layernorm_pre.bias": _ENCODER + "ln_pre.bias",
+    "vision_model.layernorm_post.weight": _ENCODER + "ln_post.weight",
+    "vision_model.layernorm_post.bias": _ENCODER + "ln_post.bias",
+    "vision_model.vision_adapter.mlp.fc1.weight": "vision_embeddings.vision_adapter.mlp.c_fc.weight",
+    "vision_model.vision_adapter.mlp.fc2.weight": "vision_embeddings.vision_adapter.mlp.c_proj.weight",
+    "multi_modal_projector.linear_1.weight": "vision_projection.weight",
+}
+# per encoder layer (after "vision_model.model.layers.N."), each with .weight and .bias
+HF_VISION_LAYER_NAMES = {
+    "self_attn.q_proj": "attn.wq",
+    "self_attn.k_proj": "attn.wk",
+    "self_attn.v_proj": "attn.wv",
+    "self_attn.o_proj": "attn.wo",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "input_layernorm": "ln_1",
+    "post_attention_layernorm": "ln_2",
+}
 LLAMA4_HF_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",
@@ -178,14 +197,19 @@ LLAMA4_HF_NAMES = {
 }
 
 
-def hf_tensors(names: list[str], lazy: Callable[[str], Any], source: str) -> tuple[dict[str, Any], list[str]]:
+def hf_tensors(names: list[str], lazy: Callable[[str], Any]) -> tuple[dict[str, Any], list[str]]:
     """The model's tensors among a Hugging Face Llama 4 folder's (lazy(name): that tensor, mapped, not read), and
-    the names that are no Llama 4 text weight. The vision tower's are skipped, with one warning line."""
+    the names that are no Llama 4 weight."""
     tensors: dict[str, Any] = {}
-    unknown, vision = [], False
+    unknown = []
     for name in names:
-        if HF_VISION.fullmatch(name):
-            vision = True
+        vision_layer = re.fullmatch(r"vision_model\.model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if name in HF_VISION_NAMES:
+            tensors[HF_VISION_NAMES[name]] = lazy(name)
+            continue
+        if vision_layer and vision_layer.group(2) in HF_VISION_LAYER_NAMES:
+            i, what, kind = vision_layer.groups()
+            tensors[f"{_ENCODER}transformer.resblocks.{i}.{HF_VISION_LAYER_NAMES[what]}.{kind}"] = lazy(name)
             continue
         rest = name.removeprefix("language_model.")  # Llama4ForConditionalGeneration's text model
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", rest)
@@ -204,10 +228,4 @@ def hf_tensors(names: list[str], lazy: Callable[[str], Any], source: str) -> tup
             tensors[layer + "feed_forward.router_DE"] = router.narrow(0, 0, router.shape[0]).t().contiguous()
         else:
             unknown.append(name)
-    if vision:
-        warnings.warn(
-            f"{source}: this library runs the text model; the vision tower's weights (vision_model.*, "
-            "multi_modal_projector.*) are skipped",
-            stacklevel=3,
-        )
     return tensors, unknown

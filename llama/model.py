@@ -195,6 +195,11 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(i, params) for i in range(params.n_layers))
         self.norm = RMSNorm(params.dim, eps=params.norm_eps)
         self.output = ColumnParallelLinear(params.dim, params.vocab_size)
+        if params.vision_args is not None:  # Llama 4 with images: the vision encoder, and its way into the model
+            from llama.vision import VisionEmbeddings  # (llama/vision.py imports this module)
+
+            self.vision_embeddings = VisionEmbeddings(params.vision_args)
+            self.vision_projection = ColumnParallelLinear(params.vision_args.output_dim, params.dim)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the RoPE angles. Made on the
         # CPU even when the model is built on the meta device, and moved on the first forward.
         with torch.device("cpu"):
@@ -213,11 +218,20 @@ class Transformer(nn.Module):
             attn.cache_v = torch.zeros_like(attn.cache_v, device=device, dtype=dtype)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: Position, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        start_pos: Position,
+        last_only: bool = False,
+        images: Optional[list[torch.Tensor]] = None,
+        image_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Logits (float32) for tokens (bs, seqlen) placed at positions start_pos .. start_pos + seqlen - 1.
 
         With last_only, only the last position is projected to the vocabulary: (bs, 1, vocab_size).
         start_pos may be a one-element int64 tensor on the model's device when seqlen is 1 (CUDA graphs).
+        Images (Llama 4 with vision_args): one (n_chunks, 3, S, S) pixel tensor per image, and image_mask, bool
+        (bs, seqlen), True at their <|patch|> tokens, in the same order (row by row, then by position).
         """
         bsz, seqlen = tokens.shape
         if isinstance(start_pos, int):
@@ -229,6 +243,8 @@ class Transformer(nn.Module):
         elif seqlen != 1:
             raise ValueError(f"a start_pos tensor takes one token per sequence, got {seqlen}")
         h = self.tok_embeddings(tokens)  # (bs, seqlen, dim)
+        if images is not None or image_mask is not None:
+            h = self.embed_images(h, images, image_mask)
         self.freqs_cis = self.freqs_cis.to(h.device)  # no-op once it is there
         if isinstance(start_pos, int):
             freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
@@ -239,3 +255,37 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (bs, seqlen or 1, vocab_size)
+
+    def embed_images(self, h: torch.Tensor, images: Optional[list], image_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """h with its rows at image_mask (the <|patch|> tokens) replaced by the images' patch embeddings, in order."""
+        if not hasattr(self, "vision_embeddings"):
+            raise ValueError(
+                "this model has no vision encoder (no vision_args in its settings, or a text-only build): "
+                "it cannot take images"
+            )
+        if images is None or image_mask is None:
+            raise ValueError("images and image_mask go together: pass both or neither")
+        if image_mask.shape != h.shape[:2] or image_mask.dtype != torch.bool:
+            raise ValueError(
+                f"image_mask must be a bool tensor of the tokens' shape {tuple(h.shape[:2])}, "
+                f"got {image_mask.dtype} {tuple(image_mask.shape)}"
+            )
+        size = self.params.vision_args.image_size
+        tile = (3, size.height, size.width)
+        for image in images:
+            if not isinstance(image, torch.Tensor) or image.dim() != 4 or tuple(image.shape[1:]) != tile:
+                shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+                raise ValueError(
+                    f"each image must be a pixel tensor (n_chunks, {', '.join(map(str, tile))}), got {shape}"
+                )
+        n_patches = sum(image.shape[0] for image in images) * self.params.vision_args.patches_per_chunk
+        if int(image_mask.sum()) != n_patches:
+            raise ValueError(
+                f"image_mask marks {int(image_mask.sum())} positions but the images have {n_patches} patches: "
+                "pass exactly the images whose <|patch|> tokens are in these tokens"
+            )
+        if n_patches == 0:
+            return h
+        patches = self.vision_embeddings(images)  # (n_chunks, patches_per_chunk, output_dim)
+        patches = self.vision_projection(patches.flatten(0, 1))  # (n_patches, dim)
+        return h.masked_scatter(image_mask.to(h.device)[..., None], patches.to(h.dtype))

@@ -2,8 +2,8 @@
 
 fairscale's constructors allocate with the legacy torch.Tensor(), which ignores torch.device("meta"), and on
 several ranks build a full-size master weight per layer to split. Weights here come from a checkpoint, so the
-subclasses below only make this rank's (uninitialised) shard, on whatever device is current; bias-free, as Llama
-is. ParallelLinear keeps fairscale's communication around another product (int8 weights in llama/quantize.py,
+subclasses below only make this rank's (uninitialised) shard, on whatever device is current; bias-free, as Llama's
+language model is (Llama 4's vision encoder asks for biases). ParallelLinear keeps fairscale's communication around another product (int8 weights in llama/quantize.py,
 packed weights in llama/cpu.py).
 """
 
@@ -20,23 +20,23 @@ from torch import nn
 class ColumnParallelLinear(fs.ColumnParallelLinear):
     """y = x W^T, W (out_features, in_features) split along its output features; gather_output joins them."""
 
-    def __init__(self, in_features: int, out_features: int, gather_output: bool = True):
+    def __init__(self, in_features: int, out_features: int, gather_output: bool = True, bias: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.gather_output = in_features, out_features, gather_output
         self.output_size_per_partition = out_features // fs_init.get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(self.output_size_per_partition, in_features))
-        self.bias = None
+        self.bias = nn.Parameter(torch.empty(self.output_size_per_partition)) if bias else None  # split as W is
 
 
 class RowParallelLinear(fs.RowParallelLinear):
     """y = x W^T, W split along its input features; each rank takes its share of x and the outputs are summed."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features, self.input_is_parallel = in_features, out_features, True
         self.input_size_per_partition = in_features // fs_init.get_model_parallel_world_size()
         self.weight = nn.Parameter(torch.empty(out_features, self.input_size_per_partition))
-        self.bias = None
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None  # whole, added after the sum
 
 
 class VocabParallelEmbedding(fs.VocabParallelEmbedding):
@@ -84,11 +84,15 @@ class ParallelLinear(nn.Module):
 
 
 def replace_linear_layers(model: nn.Module, make: Callable[[nn.Module], Optional[nn.Module]]) -> nn.Module:
-    """Swap each Column/RowParallelLinear of model for make(layer), in place, where that is not None: the one way
-    the fast paths change a model's products (int8 in llama/quantize.py, packed weights in llama/cpu.py, plain
-    layers for torch.compile in llama/fast.py)."""
-    for parent in list(model.modules()):
+    """Swap each Column/RowParallelLinear of the language model for make(layer), in place, where that is not None:
+    the one way the fast paths change a model's products (int8 in llama/quantize.py, packed weights in llama/cpu.py,
+    plain layers for torch.compile in llama/fast.py). Llama 4's vision tower (vision_embeddings, vision_projection)
+    stays as it is, as Meta's quantization leaves it: under 1% of Scout's weights, run once per image, with
+    biases, which the replacements do not add."""
+    for path, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
+            if f"{path}.{name}".lstrip(".").startswith("vision_"):
+                continue
             if isinstance(child, (fs.ColumnParallelLinear, fs.RowParallelLinear)):
                 new = make(child)
                 if new is not None:

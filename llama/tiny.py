@@ -1,7 +1,7 @@
 """Write a tiny random-weight checkpoint in Meta's on-disk format, to try the library without a download.
 
     python -m llama.tiny --out_dir tiny-llama3        # params.json, consolidated.00.pth, tokenizer.model
-    python -m llama.tiny --llama4 --out_dir tiny-llama4 --n_shards 2   # Llama 4 (MoE), as Meta released Scout
+    python -m llama.tiny --llama4 --out_dir tiny-llama4 --n_shards 2   # Llama 4 (MoE, images), as Meta released Scout
 
 Its weights are random, so it writes random text; it exists to run the examples and the tests end to end.
 """
@@ -32,7 +32,8 @@ TINY_PARAMS = {
 }
 # Llama 4 Scout's params.json scaled down, with Maverick's alternation of dense and MoE layers so that both kinds
 # are there: NoPE every 4th layer, RoPE layers attending within chunks of 8 positions with QK norm, temperature
-# tuning from position 8 on. vocab_size follows the tokenizer.
+# tuning from position 8 on; a vision tower whose tiles are 56 pixels (4 x 4 patches of 14, 4 tokens after pixel
+# shuffle; Scout's are 336, 144 tokens), so that an image fits a short prompt. vocab_size follows the tokenizer.
 TINY_LLAMA4_PARAMS = {
     "dim": 64,
     "n_layers": 4,
@@ -58,6 +59,16 @@ TINY_LLAMA4_PARAMS = {
         "auto_scale_F": True,
         "top_k": 1,
         "interleave_moe_layer_step": 2,
+    },
+    "vision_args": {
+        "image_size": {"height": 56, "width": 56},
+        "patch_size": {"height": 14, "width": 14},
+        "dim": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "mlp_ratio": 4.0,
+        "output_dim": 64,
+        "pixel_shuffle_ratio": 0.5,
     },
 }
 
@@ -105,7 +116,44 @@ def random_state_dict(
     state["norm.weight"] = norm()
     if not tied:
         state["output.weight"] = normal(args.vocab_size, args.dim)
+    if args.vision_args is not None:
+        state |= random_vision_state(args, g, std, dtype, device)
     return state
+
+
+def random_vision_state(
+    args: ModelArgs, g: torch.Generator, std: float, dtype: torch.dtype, device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """Llama 4's vision tower and projection under Meta's key names: LayerNorm weights near 1, the rest normal."""
+    v = args.vision_args
+
+    def normal(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
+
+    def layer_norm(prefix: str) -> dict[str, torch.Tensor]:
+        weight = (1 + 0.1 * torch.randn(v.dim, generator=g, device=device)).to(dtype)
+        return {prefix + ".weight": weight, prefix + ".bias": normal(v.dim)}
+
+    def linear(prefix: str, out_features: int, in_features: int, bias: bool = True) -> dict[str, torch.Tensor]:
+        weights = {prefix + ".weight": normal(out_features, in_features)}
+        return weights | ({prefix + ".bias": normal(out_features)} if bias else {})
+
+    e = "vision_embeddings.vision_encoder."
+    grid, hidden = v.image_size.height // v.patch_size.height, int(v.mlp_ratio * v.dim)
+    state = linear(e + "conv1._linear", v.dim, 3 * v.patch_size.height * v.patch_size.width, bias=False)
+    state[e + "class_embedding"] = normal(v.dim)
+    state[e + "positional_embedding_vlm"] = normal(grid * grid + 1, v.dim)
+    state |= layer_norm(e + "ln_pre") | layer_norm(e + "ln_post")
+    for i in range(v.n_layers):
+        p = f"{e}transformer.resblocks.{i}."
+        for w in ("wq", "wk", "wv", "wo"):
+            state |= linear(p + "attn." + w, v.dim, v.dim)
+        state |= layer_norm(p + "ln_1") | layer_norm(p + "ln_2")
+        state |= linear(p + "mlp.c_fc", hidden, v.dim) | linear(p + "mlp.c_proj", v.dim, hidden)
+    adapter = "vision_embeddings.vision_adapter.mlp."
+    state |= linear(adapter + "c_fc", v.output_dim, int(v.dim / v.pixel_shuffle_ratio**2), bias=False)
+    state |= linear(adapter + "c_proj", v.output_dim, v.output_dim, bias=False)
+    return state | linear("vision_projection", args.dim, v.output_dim, bias=False)
 
 
 def shard_state_dict(state: dict[str, torch.Tensor], n: int, embedding_dim: int = 0) -> list[dict[str, torch.Tensor]]:
@@ -157,7 +205,8 @@ def main(
     llama4: bool = False,
 ) -> None:
     """Write params.json, consolidated.NN.pth and tokenizer.model of a random-weight Llama 3-style model, or with
-    --llama4 a Llama 4 one (mixture of experts, NoPE layers, chunked attention) in Meta's released layout.
+    --llama4 a Llama 4 one (mixture of experts, NoPE layers, chunked attention, a vision tower) in Meta's released
+    layout.
 
     tokenizer_path: a real tokenizer.model to copy in (the vocabulary size follows it); by default a
     byte-level tokenizer of 256 + 256 special tokens is written, or for Llama 4 Meta's Llama 4 tokenizer
@@ -183,7 +232,10 @@ def main(
         tok_file.write_bytes(Path(tokenizer_path).read_bytes())
     else:
         write_byte_tokenizer(tok_file)
-    params = dict(TINY_LLAMA4_PARAMS if llama4 else TINY_PARAMS, vocab_size=Tokenizer(str(tok_file)).n_words)
+    tokenizer = Tokenizer(str(tok_file))
+    params = dict(TINY_LLAMA4_PARAMS if llama4 else TINY_PARAMS, vocab_size=tokenizer.n_words)
+    if "<|patch|>" not in getattr(tokenizer, "special_tokens", {}):  # no image tokens: a text-only Llama 4
+        params.pop("vision_args", None)
     state = random_state_dict(ModelArgs(**params), seed=seed)
     write_checkpoint(out, params, state, n_shards, released=llama4)
     print(f"Wrote a random-weight model to {out}/ (it writes random text). Try:")

@@ -3,6 +3,8 @@ save rank 0's logits for the given tokens.
 
     torchrun --standalone --nproc_per_node N tests/mp_worker.py CKPT_DIR TOKENS.pt OUT.pt
     torchrun --standalone --nproc_per_node N tests/mp_worker.py --many TOKENS.pt OUT_DIR CKPT_DIR...  # OUT_DIR/I.pt
+
+TOKENS.pt holds the tokens, or (Llama 4 with images) a dict of tokens, images and image_mask for Transformer.forward.
 """
 
 import sys
@@ -13,11 +15,12 @@ from llama import Llama
 
 
 def main(ckpt_dir: str, tokens_path: str, out_path: str) -> None:
-    tokens = torch.load(tokens_path, weights_only=True)
+    inputs = torch.load(tokens_path, weights_only=True)
+    tokens, images = (inputs.pop("tokens"), inputs) if isinstance(inputs, dict) else (inputs, {})
     llama = Llama.build(
         ckpt_dir, None, max_seq_len=tokens.shape[1], max_batch_size=tokens.shape[0], device="cpu", dtype="float32"
     )
-    logits = llama.model(tokens, 0)
+    logits = llama.model(tokens, 0, **images)
     if torch.distributed.get_rank() == 0:
         torch.save(logits, out_path)
 

@@ -125,6 +125,7 @@ def test_tiny_llama4_is_in_metas_released_layout_with_the_llama4_tokenizer(tiny_
     assert params["moe_args"]["num_experts"] > 1 and params["nope_layer_interval"] and params["attention_chunk_size"]
     keys = torch.load(tiny_llama4 / "consolidated.01.pth", weights_only=True, mmap=True).keys()
     assert {"layers.0.attention.wqkv.weight", "layers.1.feed_forward.experts.moe_w_in_eD_F"} <= set(keys)
+    assert params["vision_args"] and {"vision_embeddings.vision_encoder.conv1._linear.weight"} <= set(keys)
     if llama4_tokenizer() is not None:  # Meta's reference installed: its Llama 4 tokenizer is the one copied
         assert (tiny_llama4 / "tokenizer.model").read_bytes() == llama4_tokenizer().read_bytes()
 

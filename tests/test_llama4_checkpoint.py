@@ -22,7 +22,8 @@ from llama.tiny import (
 )
 
 # Eight heads over four KV heads, so that four ranks can share them; dense and MoE layers alternate.
-PARAMS = dict(TINY_LLAMA4_PARAMS, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512)
+# Text only: a byte tokenizer has no image tokens (tests/test_llama4_vision.py loads the vision tower).
+PARAMS = dict(TINY_LLAMA4_PARAMS, n_heads=8, n_kv_heads=4, head_dim=8, vocab_size=512, vision_args=None)
 TOKENS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 CPU = torch.device("cpu")
 ATOL = 1e-4
@@ -146,17 +147,13 @@ def _with_extra_keys(folder, extra):
         torch.save({**shard, **extra}, path)
 
 
-def test_vision_weights_and_router_statistics_are_skipped_with_one_line_each(ckpt, reference, tmp_path):
-    args, state, _ = ckpt
-    params = dict(PARAMS, vision_args={"image_size": {"height": 336, "width": 336}, "dim": 32})
+def test_a_text_only_build_skips_vision_weights_and_router_statistics_with_one_line_each(ckpt, reference, tmp_path):
+    # The same weights, with a vision tower (drawn after the text model's from the same generator) and its vision_args
+    params = dict(PARAMS, vision_args=TINY_LLAMA4_PARAMS["vision_args"])
+    state = random_state_dict(args_for(params), seed=1, std=0.15, dtype=torch.float32)
     write_checkpoint(tmp_path, params, state, 2, released=True)
     write_byte_tokenizer(tmp_path / "tokenizer.model")
-    extra = {
-        "vision_embeddings.vision_encoder.conv1._linear.weight": torch.zeros(4, 4),
-        "vision_embeddings.vision_adapter.mlp.c_fc.weight": torch.zeros(4, 4),
-        "vision_projection.weight": torch.zeros(4, 4),
-        "layers.0.attention.wqkv._extra_state": torch.zeros(0),  # training bookkeeping: dropped quietly
-    }
+    extra = {"layers.0.attention.wqkv._extra_state": torch.zeros(0)}  # training bookkeeping: dropped quietly
     for i in (1, 3):  # the MoE layers
         for name in ("global_gate_stats_3E", "running_gate_stats_3E"):
             extra[f"layers.{i}.feed_forward.{name}"] = torch.zeros(3, 4)
@@ -164,11 +161,12 @@ def test_vision_weights_and_router_statistics_are_skipped_with_one_line_each(ckp
     _with_extra_keys(tmp_path, extra)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        args = model_args(read_params(tmp_path), max_seq_len=TOKENS.shape[1], max_batch_size=TOKENS.shape[0])
+        params = read_params(tmp_path)
+        args = model_args(params, max_seq_len=TOKENS.shape[1], max_batch_size=TOKENS.shape[0], vision_args=None)
         out = logits(tmp_path, args)  # both shards read onto one rank: still one line per kind
     lines = [str(w.message) for w in caught]
     assert len(lines) == 2, lines
-    assert sum("vision tower" in line for line in lines) == 1
+    assert sum("vision tower" in line and "parameters on each rank" in line for line in lines) == 1
     assert sum("router statistics" in line for line in lines) == 1
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
 
@@ -255,7 +253,7 @@ def _hf_folder(path, conditional: bool):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers doubts high_freq_factor 1, which is Scout's
         if conditional:
-            vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+            vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128)
             vision |= dict(image_size=28, patch_size=14, vision_output_dim=64, projector_input_dim=64)
             config = Llama4Config(text_config=HF_TEXT, vision_config=dict(vision, projector_output_dim=64))
             model = Llama4ForConditionalGeneration(config)
@@ -292,11 +290,19 @@ def test_a_llama4_for_causal_lm_folder_gives_the_logits_of_transformers(hf_causa
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
-def test_a_llama4_for_conditional_generation_folder_loads_its_text_model(tmp_path):
+def test_a_llama4_for_conditional_generation_folder_loads_its_text_model_and_vision_tower(tmp_path):
+    # Its image prompts: tests/test_llama4_vision.py. A text-only build skips the tower with one line.
     expected = _hf_folder(tmp_path, conditional=True)
     args = args_for(read_params(tmp_path))
-    with pytest.warns(UserWarning, match=r"vision tower's weights \(vision_model") as record:
-        got = logits(tmp_path, args)
+    assert args.vision_args.dim == 32 and args.vision_args.mlp_ratio == 4.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing skipped, nothing to say
+        model = build_transformer(tmp_path, args, CPU, torch.float32)
+    assert hasattr(model, "vision_embeddings")
+    torch.testing.assert_close(model(TOKENS, 0), expected, atol=ATOL, rtol=0)
+    text_only = model_args(read_params(tmp_path), max_seq_len=24, max_batch_size=2, vision_args=None)
+    with pytest.warns(UserWarning, match=r"text-only build: the vision tower's weights .* parameters") as record:
+        got = logits(tmp_path, text_only)
     assert len(record) == 1
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
