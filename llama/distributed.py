@@ -118,18 +118,30 @@ def _close_group() -> None:
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """For command-line scripts: a mistake of the user's that the library reports (ValueError, FileNotFoundError)
-    ends the process with exit status 1 and its message on stderr, without a traceback, printed once under
-    torchrun (every rank raises it; rank 0 prints it)."""
+    ends the process with exit status 1 and its message on stderr, without a traceback. Under torchrun a mistake
+    every rank makes is printed once, by rank 0; an error of one rank's own (its shard, say) by that rank."""
     try:
         yield
     except (ValueError, FileNotFoundError) as e:
         message = f"{type(e).__name__}: {e}"
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
-        if rank == 0:
-            print(message, file=sys.stderr)
         error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-        if error_file:  # torchrun's failure summary shows this message, even for an error raised on one rank only
+        if error_file:  # torchrun's failure summary shows this message instead of a link to its documentation
             extra = {"py_callstack": message, "timestamp": str(int(time.time()))}
             with open(error_file, "w") as f:
                 json.dump({"message": {"message": message, "extraInfo": extra}}, f)
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() == "gloo":
+            try:  # did every rank fail? they all come here
+                dist.monitored_barrier(timeout=timedelta(seconds=5))
+                alone = False
+            except RuntimeError:
+                alone = True
+        elif rank != 0 and "TORCHELASTIC_RUN_ID" in os.environ:
+            # torchrun stops every process once one has failed: if rank 0 fails too, this one never wakes up.
+            time.sleep(5)
+            alone = True
+        else:
+            alone = False
+        if rank == 0 or alone:
+            print(f"{message} (rank {rank})" if alone and rank else message, file=sys.stderr)
         raise SystemExit(1) from None
