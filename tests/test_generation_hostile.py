@@ -399,7 +399,9 @@ def test_prompts_of_max_seq_len_and_one_less(llama, fresh_probe, monkeypatch):
     assert alone == full
     torch.testing.assert_close(torch.tensor(alone_lps), torch.tensor(full_logprobs(llama, full)), atol=1e-4, rtol=1e-4)
     # With echo, a text prompt of max_seq_len tokens (BOS included) is returned as it is.
-    assert llama.text_completion(["y" * (MAX_SEQ_LEN - 1)], echo=True)[0]["generation"] == "y" * (MAX_SEQ_LEN - 1)
+    text = "y" * (MAX_SEQ_LEN - 1)
+    echoed = llama.tokenizer.decode(llama.tokenizer.encode(text, bos=True, eos=False))
+    assert llama.text_completion([text], echo=True)[0]["generation"] == echoed
     assert_still_works(llama, fresh_probe)
 
 
