@@ -72,25 +72,27 @@ def compile_decode(model: Transformer) -> DecodeStep:
     # compiled region: entering it inside breaks dynamic-shape tracing of the cache slices.
     compiled = torch.compile(model.forward.__wrapped__.__get__(model), dynamic=True, options=options)
     chunk_size = model.params.attention_chunk_size
-    compiled_steps = 0
+    compiled_yet = False
 
     def decode_step(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        nonlocal compiled_steps
+        nonlocal compiled_yet
         # The first position of a chunk (Llama 4) attends over one key in its chunked layers; inductor (torch
         # 2.13) miscompiles a product over a dimension of symbolic size that is 1 at run time, so that step, one
         # in every chunk, runs eagerly.
         if tokens.shape[1] != 1 or (chunk_size and start_pos % chunk_size == 0):
             return model(tokens, start_pos, last_only)
-        if compiled_steps >= 2:  # compiled: the first step for its shapes, the second for any position
+        if compiled_yet:
             with torch.inference_mode():
                 return compiled(tokens, start_pos, last_only)
-        if compiled_steps == 0 and (not dist.is_initialized() or dist.get_rank() == 0):
+        if not dist.is_initialized() or dist.get_rank() == 0:
             print("llama: compiling the decode step (its first steps take a minute or so)...", file=sys.stderr)
-        compiled_steps += 1
         with torch.inference_mode(), warnings.catch_warnings():
-            # RoPE's complex product is left to eager kernels, as intended; inductor warns about it once per process.
+            # RoPE's complex product is left to eager kernels, as intended; inductor says so once per process, at
+            # the first compilation.
             warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex operators")
-            return compiled(tokens, start_pos, last_only)
+            logits = compiled(tokens, start_pos, last_only)
+        compiled_yet = True
+        return logits
 
     return decode_step
 

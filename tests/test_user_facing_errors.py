@@ -105,7 +105,7 @@ def test_a_mistake_every_rank_makes_under_torchrun_is_printed_once(when, tiny, t
     out = run([script, *args], cwd=tmp_path, torchrun_nproc=2)
     assert out.returncode != 0 and out.stdout == ""
     assert len([line for line in out.stderr.splitlines() if line.startswith(error)]) == 1
-    assert "example_text_completion.py\", line" not in out.stderr  # no traceback from the ranks
+    assert 'example_text_completion.py", line' not in out.stderr  # no traceback from the ranks
     # torchrun's own summary names the error instead of a link to its documentation.
     assert f"traceback : {error}" in out.stderr and "To enable traceback" not in out.stderr
 
