@@ -17,25 +17,43 @@ import fire
 import torch.distributed as dist
 
 from llama import Dialog, Llama
+from llama.distributed import exit_on_user_error
 
 
-def main(
+def main(  # flags that may be None are typed as fire shows them in --help: `str = None` is Optional[str]
     ckpt_dir: str,
-    tokenizer_path: Optional[str] = None,  # None: the tokenizer.model in or beside ckpt_dir
+    tokenizer_path: str = None,
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_seq_len: int = 512,
     max_batch_size: int = 4,
-    max_gen_len: Optional[int] = None,  # None: up to the end of the context
-    compile: bool = False,  # faster decoding: CUDA graphs on a GPU, torch.compile on a CPU
-    tools: bool = False,  # one tool-calling dialog instead of the chats below
-    image: Optional[str] = None,  # a question about this image instead (Llama 4)
+    max_gen_len: int = None,
+    quantize: str = None,
+    compile: bool = False,
+    tools: bool = False,
+    image: str = None,
 ):
+    """Run four dialogs and print each answer as it is generated.
+
+    Args:
+        ckpt_dir: the model's folder (params.json and consolidated.NN.pth, or a Hugging Face folder).
+        tokenizer_path: its tokenizer.model; by default the one in or beside ckpt_dir.
+        temperature: sampling temperature; 0 picks the likeliest token (greedy).
+        top_p: sample from the smallest set of tokens whose probabilities add up to top_p.
+        max_seq_len: the context length: dialog and answer together, in tokens.
+        max_batch_size: the most dialogs generated together.
+        max_gen_len: the most tokens per answer; None: up to the end of the context.
+        quantize: None, or int8 (or another mode Llama.build takes): quantized weights, less memory.
+        compile: faster decoding: CUDA graphs on a GPU, torch.compile on a CPU (a minute to compile first).
+        tools: run one tool-calling dialog instead (Llama 3.1+ or Llama 4).
+        image: an image file to ask about instead (Llama 4 with vision).
+    """
     generator = Llama.build(
         ckpt_dir=ckpt_dir,
         tokenizer_path=tokenizer_path,
         max_seq_len=max_seq_len,
         max_batch_size=max_batch_size,
+        quantize=quantize,
         compile=compile,
     )
 
@@ -115,4 +133,5 @@ def tool_dialog(generator: Llama, temperature: float, top_p: float, max_gen_len:
 
 if __name__ == "__main__":
     sys.stdout.reconfigure(errors="replace")  # a random-weight model writes any character at all
-    fire.Fire(main)
+    with exit_on_user_error():  # a wrong flag or folder: its message, once, without a traceback
+        fire.Fire(main)

@@ -3,16 +3,19 @@ takes once per token. compile_decode: torch.compile of the forward; cuda_graph_d
 CUDA graphs. Each returns a step called as the model is, model(tokens, start_pos, last_only), which leaves every
 other call (prompts) to the model. Same tokens as the plain model (tests/test_fast_paths.py, tests/test_cuda.py)."""
 
+import sys
 import warnings
 from typing import Callable
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
 from torch import nn
 
 from llama.model import Transformer
+from llama.moe import MoE
 from llama.parallel import replace_linear_layers
 
 DecodeStep = Callable[..., torch.Tensor]  # (tokens, start_pos, last_only=False) -> logits, as Transformer.forward
@@ -54,6 +57,12 @@ def compile_decode(model: Transformer) -> DecodeStep:
     compiled graph serves every position.
     """
     without_fairscale(model)
+    for module in model.modules():
+        if isinstance(module, MoE):
+            # Which experts run depends on the data, so the compiler would trace the routed experts anew for every
+            # routing it meets: they run eagerly between the compiled parts. (Applied here, not as a decorator in
+            # moe.py: torch.compiler.disable imports torch._dynamo, a second or so that plain `import llama` skips.)
+            module.routed = torch.compiler.disable(module.routed)
     # On a CPU, store every intermediate instead of recomputing it inside each consumer: otherwise the
     # compiler folds RMSNorm into the int8 layers' dot products, redoing it for every weight row. At one
     # token the stored intermediates are a few KB.
@@ -63,15 +72,27 @@ def compile_decode(model: Transformer) -> DecodeStep:
     # compiled region: entering it inside breaks dynamic-shape tracing of the cache slices.
     compiled = torch.compile(model.forward.__wrapped__.__get__(model), dynamic=True, options=options)
     chunk_size = model.params.attention_chunk_size
+    compiled_yet = False
 
     def decode_step(tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        nonlocal compiled_yet
         # The first position of a chunk (Llama 4) attends over one key in its chunked layers; inductor (torch
         # 2.13) miscompiles a product over a dimension of symbolic size that is 1 at run time, so that step, one
         # in every chunk, runs eagerly.
         if tokens.shape[1] != 1 or (chunk_size and start_pos % chunk_size == 0):
             return model(tokens, start_pos, last_only)
-        with torch.inference_mode():
-            return compiled(tokens, start_pos, last_only)
+        if compiled_yet:
+            with torch.inference_mode():
+                return compiled(tokens, start_pos, last_only)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print("llama: compiling the decode step (its first steps take a minute or so)...", file=sys.stderr)
+        with torch.inference_mode(), warnings.catch_warnings():
+            # RoPE's complex product is left to eager kernels, as intended; inductor says so once per process, at
+            # the first compilation.
+            warnings.filterwarnings("ignore", "Torchinductor does not support code generation for complex operators")
+            logits = compiled(tokens, start_pos, last_only)
+        compiled_yet = True
+        return logits
 
     return decode_step
 

@@ -11,7 +11,7 @@ import torch
 from llama.chat_format import ChatFormat, Dialog, Llama2ChatFormat, LLMInput, Message, has_special_tags
 from llama.checkpoint import build_transformer, find_tokenizer, resolve
 from llama.cpu import choose_cpu_matmul
-from llama.distributed import DTYPES, default_device, default_dtype, init_distributed
+from llama.distributed import DTYPES, check_device, default_device, default_dtype, init_distributed
 from llama.fast import compile_decode, cuda_graph_decode
 from llama.model import Transformer
 from llama.quantize import check_quantize_mode
@@ -66,6 +66,7 @@ class Llama:
         dtype: Optional[Union[str, torch.dtype]] = None,
         quantize: Optional[str] = None,
         compile: bool = False,
+        vision: bool = True,
     ) -> "Llama":
         """Load a checkpoint folder and its tokenizer: Meta's (params.json + consolidated.NN.pth, also
         under original/) or a Hugging Face one (config.json + safetensors). tokenizer_path None: the
@@ -76,11 +77,18 @@ class Llama:
         (groups of 128) linear layers and experts (llama/quantize.py).
         compile=True: faster decoding (llama/fast.py), the one-token step recorded as CUDA graphs on a GPU,
         torch.compile'd on a CPU (its first steps then take a minute or so to compile).
+        vision=False: a Llama 4 folder's vision encoder is not loaded (text only; one line says what it saves).
         Under torchrun every process loads its model-parallel share.
         """
+        # The device first: a machine without it fails here, before the checkpoint is read or a group is set up.
+        if device is not None:
+            device = check_device(device, f"device={str(device)!r}", "pass device='cpu'")
+        else:
+            device = default_device()
         check_quantize_mode(quantize)
-        if not isinstance(compile, bool):
-            raise ValueError(f"compile must be True or False, got {compile!r}")
+        for name, flag in (("compile", compile), ("vision", vision)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
         for name, value in (("max_seq_len", max_seq_len), ("max_batch_size", max_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -88,7 +96,6 @@ class Llama:
         tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else find_tokenizer(ckpt)
         tokenizer = Tokenizer(str(tokenizer_path))
 
-        device = torch.device(device) if device is not None else default_device()
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
@@ -100,7 +107,8 @@ class Llama:
         torch.manual_seed(seed)  # the same on every rank, so that all ranks sample the same tokens
 
         source = ckpt.settings
-        args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        text_only = {} if vision else {"vision_args": None}  # the loader then skips the vision weights
+        args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **text_only)
         if args.vocab_size == -1:
             args.vocab_size = tokenizer.n_words
         elif args.vocab_size != tokenizer.n_words:
@@ -131,8 +139,11 @@ class Llama:
         # forward (llama/fast.py). Prompts always go through the model itself.
         self.decode_step = decode_step if decode_step is not None else model
         self.tokenizer = tokenizer
-        # Llama 4 with a vision encoder: its vision_args say how images become tokens.
-        self.formatter = ChatFormat(tokenizer, vision_args=getattr(model.params, "vision_args", None))
+        # Llama 4 with a vision encoder: its vision_args say how images become tokens, where the tokenizer has them.
+        vision_args = getattr(model.params, "vision_args", None)
+        if "<|patch|>" not in getattr(tokenizer, "special_tokens", {}):
+            vision_args = None  # a tokenizer without image tokens: text chat only
+        self.formatter = ChatFormat(tokenizer, vision_args=vision_args)
         # Token ids that end a generated sequence (not output themselves); the tokenizer's by default.
         self.stop_tokens: list[int] = list(tokenizer.stop_tokens)
         self.device = model.tok_embeddings.weight.device
@@ -146,18 +157,20 @@ class Llama:
     def generate(
         self,
         prompt_tokens: list[list[int]],
-        max_gen_len: int,
+        max_gen_len: Optional[int],
         temperature: float = 0.6,
         top_p: float = 0.9,
         logprobs: bool = False,
         echo: bool = False,
     ) -> tuple[list[list[int]], Optional[list[list[float]]]]:
-        """Continue each prompt by up to max_gen_len tokens; returns (tokens, logprobs or None).
+        """Continue each prompt by up to max_gen_len tokens (None: to the end of the context); returns (tokens,
+        logprobs or None).
 
         A sequence ends at its first stop token (not included), at max_gen_len, or at max_seq_len.
-        logprobs: the log-probability of each returned token; echo: return the prompt tokens too.
+        logprobs: the log-probability of each returned token; echo: return the prompt tokens too (a prompt of
+        max_seq_len tokens is then accepted, to be scored with logprobs).
         """
-        prompts, max_gen_len = self._prepare("prompt_tokens", prompt_tokens, max_gen_len, temperature, top_p)
+        prompts, max_gen_len = self._prepare("prompt_tokens", prompt_tokens, max_gen_len, temperature, top_p, echo=echo)
         outputs = _drain(self._generate(prompts, max_gen_len, temperature, top_p, logprobs, echo))
         return [out.tokens for out in outputs], ([out.logprobs for out in outputs] if logprobs else None)
 
@@ -186,8 +199,8 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> list[CompletionPrediction]:
-        """Complete each prompt; max_gen_len None means up to max_seq_len - 1 tokens."""
-        prompt_tokens, max_gen_len = self._prepare("prompts", prompts, max_gen_len, temperature, top_p)
+        """Complete each prompt; max_gen_len None means to the end of the context (max_seq_len)."""
+        prompt_tokens, max_gen_len = self._prepare("prompts", prompts, max_gen_len, temperature, top_p, echo=echo)
         outputs = _drain(self._generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo))
         results: list[CompletionPrediction] = []
         for out in outputs:
@@ -377,12 +390,14 @@ class Llama:
         temperature: float,
         top_p: float,
         tool_prompt_format: str = "json",
+        echo: bool = False,
     ) -> tuple[list[Union[list[int], LLMInput, None]], int]:
         """Check a call's arguments and turn its prompts into token ids. name: the argument holding the prompts:
         a list of "prompt_tokens" (token ids), "prompts" (texts) or "dialogs" (message lists), or one "prompt" or
         "dialog". Returns each prompt's tokens (a dialog's with the pixels of its images, as an LLMInput; None for
-        a Llama 2 dialog refused for its special tags) and
-        max_gen_len, None meaning up to max_seq_len - 1 (generate takes no None)."""
+        a Llama 2 dialog refused for its special tags) and max_gen_len, None meaning up to max_seq_len - 1 (the loop
+        stops at the end of the context). A prompt must leave room to generate, except with echo (then it is
+        returned, with its log-probabilities if asked)."""
         max_batch_size, max_seq_len = self.model.params.max_batch_size, self.model.params.max_seq_len
         if name in ("prompt", "dialog"):
             named = [(name, prompts)]
@@ -398,13 +413,13 @@ class Llama:
                 )
             named = [(f"{name}[{i}]", prompt) for i, prompt in enumerate(prompts)]
         if name == "prompt_tokens":
-            tokens = [self._check_prompt(prompt, n) for n, prompt in named]
+            tokens = [self._check_prompt(prompt, n, echo) for n, prompt in named]
         elif name.startswith("prompt"):
-            tokens = [self._encode_text(prompt, n) for n, prompt in named]
+            tokens = [self._encode_text(prompt, n, echo) for n, prompt in named]
         else:
             tokens = [self._encode_dialog(dialog, n, tool_prompt_format) for n, dialog in named]
 
-        if max_gen_len is None and name != "prompt_tokens":
+        if max_gen_len is None:
             max_gen_len = max_seq_len - 1
         if isinstance(max_gen_len, bool) or not isinstance(max_gen_len, numbers.Integral) or max_gen_len < 1:
             raise ValueError(
@@ -418,16 +433,17 @@ class Llama:
             raise ValueError(f"top_p must be a number in (0, 1] (1 samples from every token), got {top_p!r}")
         return tokens, int(max_gen_len)
 
-    def _check_prompt(self, prompt: list[int], name: str) -> list[int]:
+    def _check_prompt(self, prompt: list[int], name: str, echo: bool = False) -> list[int]:
         vocab_size, max_seq_len = self.model.params.vocab_size, self.model.params.max_seq_len
         if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
             raise ValueError(f"{name} must be a list of token ids (ints), got {type(prompt).__name__}")
         if len(prompt) == 0:
             raise ValueError(f"{name} is empty: a prompt needs at least one token (e.g. the BOS token)")
-        if len(prompt) > max_seq_len:
+        if len(prompt) > max_seq_len or (len(prompt) == max_seq_len and not echo):
             raise ValueError(
-                f"{name} is {len(prompt)} tokens long but max_seq_len is {max_seq_len}: shorten it, "
-                "or build the Llama with a larger max_seq_len"
+                f"{name} is {len(prompt)} tokens long but max_seq_len is {max_seq_len}, which leaves no room to "
+                "generate (max_seq_len must exceed a prompt's length): shorten it, or build the Llama with a larger "
+                "max_seq_len"
             )
         if not all(type(t) is int for t in prompt):  # the fast path; numpy or other integers are converted
             for t in prompt:
@@ -442,12 +458,12 @@ class Llama:
             )
         return list(prompt)
 
-    def _encode_text(self, prompt: str, name: str) -> list[int]:
+    def _encode_text(self, prompt: str, name: str, echo: bool = False) -> list[int]:
         if not isinstance(prompt, str):
             raise ValueError(f"{name} must be a string, got {type(prompt).__name__}")
         if not prompt:
             raise ValueError(f"{name} is empty: give some text to complete")
-        return self._check_prompt(self.tokenizer.encode(prompt, bos=True, eos=False), name)
+        return self._check_prompt(self.tokenizer.encode(prompt, bos=True, eos=False), name, echo)
 
     def _encode_dialog(self, dialog: Dialog, name: str, tool_prompt_format: str) -> Optional[LLMInput]:
         """The prompt of a dialog (tokens, and pixels of its images), or None for a Llama 2 dialog refused for its

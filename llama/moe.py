@@ -63,9 +63,7 @@ class MoE(nn.Module):
             routed_aD = reduce_from_model_parallel_region(routed_aD)  # each rank has a share of F
         return (self.shared_expert(x_aD) + routed_aD).view(bs, slen, D)
 
-    # Which experts run depends on the data, so torch.compile would trace this anew for every routing it meets:
-    # it runs eagerly between the compiled parts.
-    @torch.compiler.disable
+    # Which experts run depends on the data: llama/fast.py keeps this out of torch.compile's graphs.
     def routed(self, x_aD: torch.Tensor, experts_aK: torch.Tensor, gates_aK: torch.Tensor) -> torch.Tensor:
         """The routed experts' sum for each token, this rank's share."""
         # Group the (token, expert) pairs by expert; one host sync tells how many tokens each expert has.

@@ -76,7 +76,11 @@ BAD_CALLS = {
     "max_gen_len 0": (lambda m: m.generate([[1]], 0), "max_gen_len"),
     "max_gen_len negative": (lambda m: m.generate([[1]], -5), "max_gen_len"),
     "max_gen_len a float": (lambda m: m.generate([[1]], 2.5), "max_gen_len"),
-    "max_gen_len None in generate": (lambda m: m.generate([[1]], None), "max_gen_len"),
+    "a prompt of max_seq_len without echo": (
+        lambda m: m.generate([[1] * MAX_SEQ_LEN], 4),
+        r"prompt_tokens\[0\].*no room to generate",
+    ),
+    "a text prompt of max_seq_len": (lambda m: m.text_completion(["y" * (MAX_SEQ_LEN - 1)]), "no room to generate"),
     "negative temperature": (lambda m: m.generate([[1]], 4, temperature=-0.1), "temperature"),
     "nan temperature": (lambda m: m.generate([[1]], 4, temperature=math.nan), "temperature"),
     "infinite temperature": (lambda m: m.generate([[1]], 4, temperature=math.inf), "temperature"),
@@ -167,8 +171,8 @@ texts = st.one_of(
     st.text(st.characters(exclude_categories=()), min_size=1, max_size=6),
     st.sampled_from(["<|eot_id|>", "<|begin_of_text|>", "[INST]", "<</SYS>>", "\x00", "é🦙", "\ufffd"]),
 )
-valid_prompt_tokens = st.lists(
-    st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=MAX_SEQ_LEN), min_size=1, max_size=MAX_BATCH_SIZE
+valid_prompt_tokens = st.lists(  # a prompt of MAX_SEQ_LEN leaves no room to generate: valid only with echo
+    st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=MAX_SEQ_LEN - 1), min_size=1, max_size=MAX_BATCH_SIZE
 )
 bad_tokens = st.one_of(st.integers(VOCAB, 2**70), st.integers(max_value=-1), st.floats(), not_numbers)
 VALID = {
@@ -394,7 +398,10 @@ def test_prompts_of_max_seq_len_and_one_less(llama, fresh_probe, monkeypatch):
     (alone,), (alone_lps,) = llama.generate([full], max_gen_len=1, temperature=0.8, logprobs=True, echo=True)
     assert alone == full
     torch.testing.assert_close(torch.tensor(alone_lps), torch.tensor(full_logprobs(llama, full)), atol=1e-4, rtol=1e-4)
-    assert llama.text_completion(["y" * (MAX_SEQ_LEN - 1)])[0]["generation"] == ""
+    # With echo, a text prompt of max_seq_len tokens (BOS included) is returned as it is.
+    text = "y" * (MAX_SEQ_LEN - 1)
+    echoed = llama.tokenizer.decode(llama.tokenizer.encode(text, bos=True, eos=False))
+    assert llama.text_completion([text], echo=True)[0]["generation"] == echoed
     assert_still_works(llama, fresh_probe)
 
 

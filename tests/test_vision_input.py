@@ -601,7 +601,7 @@ def test_the_chat_example_asks_about_an_image_and_a_text_model_says_it_needs_lla
 
 
 @pytest.fixture(scope="module")
-def tiny_vision_llama(tmp_path_factory):
+def tiny_vision_folder(tmp_path_factory):
     if "vision_args" not in {f.name for f in dataclasses.fields(ModelArgs)}:
         pytest.skip("this library's vision encoder is not here yet")
     out = tmp_path_factory.mktemp("tiny-llama4-vision")
@@ -610,7 +610,12 @@ def tiny_vision_llama(tmp_path_factory):
     subprocess.run(
         [sys.executable, "-m", "llama.tiny", "--llama4", "--out_dir", str(out)], cwd=root, env=env, check=True
     )
-    return Llama.build(out, None, max_seq_len=256, max_batch_size=2, device="cpu", dtype=torch.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_vision_llama(tiny_vision_folder):
+    return Llama.build(tiny_vision_folder, None, max_seq_len=256, max_batch_size=2, device="cpu", dtype=torch.float32)
 
 
 def test_chat_with_an_image_is_the_models_own_greedy_decoding_and_sees_the_image(tiny_vision_llama):
@@ -642,3 +647,23 @@ def test_chat_with_an_image_is_the_models_own_greedy_decoding_and_sees_the_image
     _, logits_first = plain_greedy(generator.formatter.encode_dialog(dialog(first)), 0)
     _, logits_second = plain_greedy(generator.formatter.encode_dialog(dialog(second)), 0)
     assert not torch.allclose(logits_first, logits_second)
+
+
+def test_a_text_only_build_skips_the_tower_says_so_and_refuses_images(tiny_vision_folder, tiny_vision_llama):
+    assert tiny_vision_llama.model.params.vision_args is not None
+    out = tiny_vision_folder
+    with pytest.warns(UserWarning, match="text-only build: the vision tower's weights"):
+        text_only = Llama.build(
+            out, None, max_seq_len=256, max_batch_size=2, device="cpu", dtype=torch.float32, vision=False
+        )
+    assert text_only.model.params.vision_args is None
+    assert not any(k.startswith("vision_") for k in text_only.model.state_dict())
+    dialog = [{"role": "user", "content": "Hello"}]
+    # The language model is the same: text chat gives the same reply with and without the tower.
+    assert text_only.chat_completion([dialog], max_gen_len=4, temperature=0) == tiny_vision_llama.chat_completion(
+        [dialog], max_gen_len=4, temperature=0
+    )
+    with pytest.raises(ValueError, match="image"):
+        text_only.chat_completion([[{"role": "user", "content": [image_item(random_image(8, 8)), text_item("?")]}]])
+    with pytest.raises(ValueError, match="vision must be True or False"):
+        Llama.build(out, None, max_seq_len=256, max_batch_size=2, device="cpu", vision="no")
