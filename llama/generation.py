@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, TypedDict, Union
 import torch
 
 from llama.chat_format import ChatFormat, Dialog, Llama2ChatFormat, LLMInput, Message, has_special_tags
-from llama.checkpoint import build_transformer, find_tokenizer, resolve
+from llama.checkpoint import build_transformer, check_parallel_size, find_tokenizer, resolve
 from llama.cpu import choose_cpu_matmul
 from llama.distributed import DTYPES, check_device, default_device, default_dtype, init_distributed
 from llama.fast import compile_decode, cuda_graph_decode
@@ -101,11 +101,6 @@ class Llama:
                 raise ValueError(f"dtype={dtype!r} is not one of {', '.join(DTYPES)}")
             dtype = DTYPES[dtype]
         dtype = dtype or default_dtype(device)
-        rank, world = init_distributed(model_parallel_size, device)
-        if device.type == "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.manual_seed(seed)  # the same on every rank, so that all ranks sample the same tokens
-
         source = ckpt.settings
         text_only = {} if vision else {"vision_args": None}  # the loader then skips the vision weights
         args = ckpt.model_args(max_seq_len=max_seq_len, max_batch_size=max_batch_size, **text_only)
@@ -116,6 +111,12 @@ class Llama:
                 f"{source} has vocab_size {args.vocab_size} but the tokenizer {tokenizer_path} has "
                 f"{tokenizer.n_words} tokens: pass the tokenizer.model that came with this model"
             )
+        if model_parallel_size is not None:  # sizes that cannot be shared fail before a process group is set up
+            check_parallel_size(args, 1 if ckpt.is_hf else len(ckpt.shards), model_parallel_size, ckpt.folder)
+        rank, world = init_distributed(model_parallel_size, device)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.manual_seed(seed)  # the same on every rank, so that all ranks sample the same tokens
         model = build_transformer(ckpt, args, device, dtype, rank, world, quantize)  # int8/int4: quantized as it loads
         # The fast paths, applied from outside the model: each swaps some of its layers for others that compute the
         # same product, or runs its forward for the one-token steps of decoding. model.py's forward stays the math.

@@ -8,6 +8,7 @@ import importlib.util
 import shutil
 
 import pytest
+import test_llama4_model as llama4_model
 import torch
 from distributed import torchrun_logits_many
 from hf_reference import hf_llama4
@@ -31,28 +32,11 @@ VISION = dict(
     output_dim=48,
     pixel_shuffle_ratio=0.5,
 )
-# Scout's text layout scaled down (as tests/test_llama4_model.py's), with the vision tower.
+# Scout's text layout scaled down (tests/test_llama4_model.py's), with MoE every second layer and the vision tower.
 SCOUT = dict(
-    dim=64,
-    n_layers=4,
-    n_heads=4,
-    n_kv_heads=2,
+    llama4_model.SCOUT,
     vocab_size=VOCAB,
-    multiple_of=16,
-    ffn_dim_multiplier=1.2,
-    ffn_exp=4.0,
-    norm_eps=1e-5,
-    rope_theta=500000.0,
-    use_scaled_rope=True,
-    rope_scaling_factor=16.0,
-    rope_high_freq_factor=1.0,
     moe_args=dict(num_experts=4, top_k=1, interleave_moe_layer_step=2),
-    nope_layer_interval=4,
-    use_qk_norm=True,
-    attention_chunk_size=8,
-    attn_temperature_tuning=True,
-    floor_scale=4.0,
-    attn_scale=0.1,
     vision_args=VISION,
     max_seq_len=32,
     max_batch_size=2,

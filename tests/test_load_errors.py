@@ -77,6 +77,16 @@ def test_model_parallel_size_3_in_process_fails_before_the_model_is_built(tmp_pa
         build(tmp_path, rank=0, world=3)
 
 
+def test_llama_build_with_model_parallel_size_3_names_the_sizes_not_torchrun(tmp_path, no_transformer):
+    # Checked before the process group: "run with torchrun --nproc_per_node 3" would send the user to a size
+    # that fails too.
+    from llama import Llama
+
+    make_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"n_heads=4 is not divisible by model_parallel_size=3.*among 1, 2$"):
+        Llama.build(tmp_path, None, 32, 1, model_parallel_size=3, device="cpu")
+
+
 def test_a_two_shard_llama4_on_three_ranks_fails_before_the_model_is_built(tmp_path, no_transformer):
     make_folder(tmp_path, LLAMA4_PARAMS, n_shards=2, released=True)
     with pytest.raises(ValueError, match=r"2 shards, which cannot be split over 3 model-parallel ranks"):

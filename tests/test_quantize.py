@@ -15,6 +15,7 @@ import pytest
 import torch
 from distributed import torchrun
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from generation_helpers import one_thread  # noqa: F401 (a fixture, used by pytestmark)
 
 import llama.quantize
 from llama.model import ModelArgs, Transformer
@@ -36,13 +37,7 @@ PARAMS = dict(
 MAX_DIFF, RMS_DIFF, AGREE = 0.1, 0.02, 0.95
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: two OpenMP threads waiting on each other only slow them down.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation_helpers': tiny products on a shared machine
 
 
 def build(state: dict, dtype: torch.dtype, max_seq_len: int = 128, max_batch_size: int = 2) -> Transformer:

@@ -19,6 +19,7 @@ import pytest
 import torch
 from distributed import torchrun
 from fairscale.nn.model_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from generation_helpers import one_thread  # noqa: F401 (a fixture, used by pytestmark)
 from test_quantize import LLAMA4, PARAMS, assert_same_greedy_tokens, build, weights
 
 import llama.quantize
@@ -38,12 +39,7 @@ from llama.tiny import random_state_dict
 RMS_DIFF, MAX_DIFF, AGREE = 0.15, 0.75, 0.75
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # generation_helpers': tiny products on a shared machine
 
 
 def build4(state: dict, dtype: torch.dtype) -> Transformer:
