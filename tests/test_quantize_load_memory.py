@@ -30,4 +30,6 @@ def test_quantizing_while_loading_never_holds_the_bfloat16_model(checkpoint, qua
     layer = size / N_LAYERS  # one layer's bfloat16 weights (the embedding and output are 2 MB each here)
     assert r["model_bytes"] < ratio * size  # it is the quantized model
     assert r["build_peak"] < r["model_bytes"] + layer + FIXED
-    assert r["after_build"] < r["model_bytes"] + FIXED  # the file's pages of quantized weights are not kept
+    # The file's pages of quantized weights are not kept (they would add the whole 880 MB). What the allocator keeps
+    # of the int4 packing's scratch after the build varies from run to run: 40-80 MB over the model was seen.
+    assert r["after_build"] < r["model_bytes"] + 2 * FIXED
