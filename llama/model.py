@@ -11,11 +11,11 @@ import math
 from typing import Optional, Union
 
 import fairscale.nn.model_parallel.initialize as fs_init
-import llama_kernels
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import llama_kernels
 from llama.args import ModelArgs
 from llama.moe import MoE
 from llama.parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding

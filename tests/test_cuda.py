@@ -2,12 +2,12 @@
 transformers' logits on the same weights, Llama.build puts everything on the GPU and generates the CPU's
 greedy tokens, and the fast paths (int8, torch.compile, CUDA graphs) agree with the plain path there."""
 
-import llama_kernels as kernels
 import pytest
 import torch
 from generation_helpers import greedy, teacher_forced, write_tiny
 from hf_reference import hf_model
 
+import llama_kernels as kernels
 from llama import Llama
 from llama.checkpoint import build_transformer, model_args
 from llama.fast import compile_decode, cuda_graph_decode

@@ -5,13 +5,13 @@ int8, and the step that CUDA graphs record (the position in a tensor), here on t
 import pytest
 import torch
 from generation_helpers import greedy, teacher_forced, write_tiny
-from llama_kernels import fallback
 
 from llama import Llama
 from llama.fast import compile_decode
 from llama.model import ModelArgs, Transformer
 from llama.quantize import quantize_int8
 from llama.tiny import random_state_dict
+from llama_kernels import fallback
 
 PARAMS = dict(
     dim=256,

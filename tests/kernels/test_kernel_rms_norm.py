@@ -4,6 +4,7 @@ Llama's hidden sizes."""
 import pytest
 import torch
 from kernel_device import DEVICE
+
 from llama_kernels import fallback, triton_ops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
