@@ -3,10 +3,8 @@ compiled on a GPU) and to PyTorch: a batched prefill, a second piece of prompt a
 single-token decode steps; for Llama 3 and for Llama 4 (chunked attention whose pieces cross chunk boundaries,
 a NoPE layer with temperature tuning, QK norm, experts)."""
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import pytest
 import torch
-import torch.distributed as dist
 from kernel_device import DEVICE
 
 from llama.model import ModelArgs, Transformer
@@ -17,15 +15,6 @@ ARGS = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, multip
 LLAMA4 = dict(ARGS, ffn_dim_multiplier=1.0, ffn_exp=2.0, moe_args=dict(num_experts=4, top_k=1), nope_layer_interval=2,
               use_qk_norm=True, attention_chunk_size=8, attn_temperature_tuning=True, floor_scale=4.0)  # fmt: skip
 CONFIGS = {"llama3": ARGS, "llama4": LLAMA4}
-
-
-@pytest.fixture(scope="module")
-def model_parallel_group():
-    # fairscale's layers need a model-parallel group; with one process it is a group of one.
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
 
 
 def random_model(dtype: torch.dtype, args: dict = ARGS) -> Transformer:

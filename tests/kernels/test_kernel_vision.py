@@ -2,10 +2,8 @@
 a GPU) and to PyTorch: the prompt with its images (patch embeddings written over the <|patch|> tokens, which then
 pass through the kernels' attention and RMSNorm like any other), then single-token decode steps."""
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import pytest
 import torch
-import torch.distributed as dist
 from kernel_device import DEVICE
 
 from llama.model import ModelArgs, Transformer
@@ -17,14 +15,6 @@ ARGS = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=320, multip
             rope_theta=500000.0, ffn_dim_multiplier=1.0, ffn_exp=2.0, moe_args=dict(num_experts=4, top_k=1),
             nope_layer_interval=2, use_qk_norm=True, attention_chunk_size=8, attn_temperature_tuning=True,
             floor_scale=4.0, vision_args=VISION, max_batch_size=2, max_seq_len=40)  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model_parallel_group():
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(1)
 
 
 def random_model(dtype: torch.dtype) -> Transformer:
